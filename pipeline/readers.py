@@ -1,0 +1,426 @@
+"""Open an h5ad file and stream its raw counts in row blocks.
+
+The count matrix is never loaded whole (except CSC matrices, see
+:func:`open_counts`): :class:`CountMatrix` keeps the HDF5 file open and reads the
+rows it is asked for, checking on the way that they hold raw counts.
+"""
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import anndata
+import anndata.io
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+log = logging.getLogger(__name__)
+
+#: Where ``counts="auto"`` looks for raw counts, in order of preference.
+AUTO_COUNT_LOCATIONS = ("layers/counts", "raw/X", "X")
+#: Rows sampled from the start of a matrix to decide whether it holds raw counts.
+N_SAMPLE_ROWS = 2000
+#: Stored values read from a CSC matrix to decide whether it holds raw counts.
+N_SAMPLE_CSC_VALUES = 2_000_000
+#: A CSC matrix with more stored values than this is worth a warning: it is
+#: converted to CSR in memory.
+CSC_WARNING_VALUES = 100_000_000
+
+
+class DatasetError(Exception):
+    """A dataset that cannot be embedded.
+
+    ``str(err)`` is one line: ``'<path>: <problem>'``.
+
+    Parameters
+    ----------
+    path : str
+        The dataset's file.
+    problem : str
+        What is wrong with it, one line.
+    """
+
+    def __init__(self, path, problem):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.problem)
+
+
+@dataclass
+class CountMatrix:
+    """One opened h5ad file whose raw counts are read in row blocks.
+
+    Build it with :func:`open_counts`. The HDF5 file stays open until
+    :meth:`close` (or the end of a ``with`` block). A pickled CountMatrix (e.g.
+    sent to a data-loader worker) reopens the file on unpickling.
+
+    Attributes
+    ----------
+    path : str
+        The h5ad file.
+    n_cells, n_genes : int
+        Shape of the count matrix.
+    obs_names : np.ndarray
+        Cell names (object array of str), in row order. They may repeat: cells
+        are identified by their row.
+    obs : pd.DataFrame
+        Cell metadata, categoricals decoded.
+    var : pd.DataFrame
+        Gene table matching the count matrix's columns (``raw/var`` when the
+        counts are ``raw/X``), indexed by var names.
+    uns_organism : str or None
+        ``uns['organism_ontology_term_id']``, else ``uns['organism']``, as
+        written in the file.
+    counts_location : str
+        ``'X'``, ``'raw/X'`` or ``'layers/<name>'``.
+    warnings : list of str
+        Non-fatal findings about the file.
+    """
+
+    path: str
+    n_cells: int
+    n_genes: int
+    obs_names: np.ndarray
+    obs: pd.DataFrame
+    var: pd.DataFrame
+    uns_organism: str | None
+    counts_location: str
+    warnings: list[str] = field(default_factory=list)
+    _file: h5py.File | None = field(default=None, repr=False)
+    # h5py.Dataset (dense), anndata CSR dataset, or in-memory scipy CSR (from CSC)
+    _rows_source: object = field(default=None, repr=False)
+
+    def read_rows(self, start, stop):
+        """Raw counts of rows ``[start, stop)``.
+
+        Parameters
+        ----------
+        start, stop : int
+            Row range, ``0 <= start <= stop <= n_cells``.
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix
+            float32, shape ``(stop - start, n_genes)``.
+
+        Raises
+        ------
+        DatasetError
+            The rows hold NaN/inf, negative or non-integer values, or cannot be
+            read from the file.
+        """
+        start, stop = int(start), int(stop)
+        if not 0 <= start <= stop <= self.n_cells:
+            raise ValueError(f"{self.path}: row range [{start}, {stop}) is outside [0, {self.n_cells})")
+        block = self._read(slice(start, stop), f"rows [{start}, {stop})")
+        _check_counts(block, self.path, self.counts_location, np.arange(start, stop))
+        return block
+
+    def read_rows_at(self, rows):
+        """Raw counts of the given rows, in the given order.
+
+        Parameters
+        ----------
+        rows : array of int
+            Row indices, in any order; duplicates are allowed.
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix
+            float32, shape ``(len(rows), n_genes)``, row ``i`` holding row
+            ``rows[i]`` of the dataset.
+
+        Raises
+        ------
+        DatasetError
+            As :meth:`read_rows`.
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_cells):
+            raise ValueError(f"{self.path}: row indices outside [0, {self.n_cells})")
+        unique_rows, position = np.unique(rows, return_inverse=True)
+        if unique_rows.size == 0:
+            return sp.csr_matrix((0, self.n_genes), dtype=np.float32)
+        block = self._read(unique_rows, f"{unique_rows.size} rows between {unique_rows[0]} and {unique_rows[-1]}")
+        _check_counts(block, self.path, self.counts_location, unique_rows)
+        return block[position]
+
+    def _read(self, selection, what):
+        if self._rows_source is None:
+            raise ValueError(f"{self.path}: the count matrix is closed")
+        try:
+            block = self._rows_source[selection]
+        except (OSError, KeyError, RuntimeError) as err:
+            raise DatasetError(self.path, f"cannot read {what} of {self.counts_location}: {_short_reason(err)}") from err
+        block = sp.csr_matrix(block, dtype=np.float32)
+        block.sort_indices()
+        return block
+
+    def close(self):
+        """Close the HDF5 file; the matrix cannot be read afterwards."""
+        if self._file is not None:
+            self._file.close()
+        self._file = None
+        self._rows_source = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __getstate__(self):
+        return {"path": self.path, "counts_location": self.counts_location}
+
+    def __setstate__(self, state):
+        reopened = open_counts(state["path"], counts=state["counts_location"])
+        self.__dict__.update(reopened.__dict__)
+
+
+def open_counts(path, counts="auto"):
+    """Open an h5ad file's raw counts for reading in row blocks.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The h5ad file.
+    counts : str
+        Where the raw counts are: ``'X'``, ``'raw/X'``, ``'layers/<name>'``,
+        or ``'auto'`` to take the first of ``layers/counts``, ``raw/X``, ``X``
+        whose first rows hold raw counts (finite, non-negative whole numbers).
+
+    Returns
+    -------
+    CountMatrix
+        Open; close it, or use it as a context manager.
+
+    Raises
+    ------
+    DatasetError
+        The file is missing, unreadable, not an h5ad file, corrupt, empty, or
+        holds no raw counts where ``counts`` says (one line naming the file and
+        the problem).
+    ValueError
+        ``counts`` is not one of the forms above.
+
+    Notes
+    -----
+    Dense and CSR matrices are read lazily. A CSC matrix cannot be cut into
+    rows efficiently, so it is converted once to an in-memory CSR matrix (a
+    warning is logged above 1e8 stored values). Every block returned by
+    :meth:`CountMatrix.read_rows` is checked again for raw counts.
+    """
+    path = os.fspath(path)
+    if counts != "auto" and counts not in ("X", "raw/X") and not (
+        counts.startswith("layers/") and len(counts) > len("layers/")
+    ):
+        raise ValueError(f"counts must be 'auto', 'X', 'raw/X' or 'layers/<name>', got {counts!r}")
+    h5_file = _open_hdf5(path)
+    try:
+        return _build_count_matrix(path, h5_file, counts)
+    except DatasetError:
+        h5_file.close()
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:
+        h5_file.close()
+        raise DatasetError(path, f"cannot be read as h5ad: {_short_reason(err)}") from err
+
+
+def _open_hdf5(path):
+    if not os.path.exists(path):
+        raise DatasetError(path, "file does not exist")
+    if os.path.isdir(path):
+        raise DatasetError(path, "is a directory, not an h5ad file")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise DatasetError(path, "is not readable (permission denied)") from None
+    except OSError as err:
+        raise DatasetError(path, f"is not readable ({_short_reason(err)})") from err
+    if not h5py.is_hdf5(path):
+        raise DatasetError(path, "is not an h5ad file (not HDF5)")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise DatasetError(path, f"is a truncated or corrupt HDF5 file ({_short_reason(err)})") from err
+
+
+def _build_count_matrix(path, h5_file, counts):
+    if "obs" not in h5_file or "var" not in h5_file:
+        raise DatasetError(path, "is not an h5ad file (no obs/var tables)")
+    location = _choose_counts_location(path, h5_file, counts)
+    element = h5_file[location]
+    n_cells, n_genes = _element_shape(element)
+    if n_cells == 0:
+        raise DatasetError(path, f"has no cells ({location} has 0 rows)")
+    if n_genes == 0:
+        raise DatasetError(path, f"has no genes ({location} has 0 columns)")
+
+    with warnings.catch_warnings():
+        # files from anndata < 0.8 lack encoding metadata; anndata reads them fine
+        warnings.simplefilter("ignore", anndata.OldFormatWarning)
+        obs = anndata.io.read_elem(h5_file["obs"])
+        var = anndata.io.read_elem(h5_file["raw/var" if location == "raw/X" else "var"])
+    if len(obs) != n_cells:
+        raise DatasetError(path, f"obs has {len(obs)} rows but {location} has {n_cells}")
+    if len(var) != n_genes:
+        var_name = "raw/var" if location == "raw/X" else "var"
+        raise DatasetError(path, f"{var_name} has {len(var)} rows but {location} has {n_genes} columns")
+    obs_names = obs.index.to_numpy(dtype=object)
+
+    findings = []
+    n_duplicated = int(obs.index.duplicated().sum())
+    if n_duplicated:
+        findings.append(f"{n_duplicated} duplicated obs names; cells are identified by their row")
+    rows_source = element
+    if _sparse_format(element) == "csc":
+        csc = anndata.io.sparse_dataset(element)
+        n_stored = int(element["data"].shape[0])
+        if n_stored > CSC_WARNING_VALUES:
+            message = f"{location} is CSC with {n_stored:,} stored values; converted to CSR in memory"
+            log.warning("%s: %s", path, message)
+            findings.append(message)
+        rows_source = csc.to_memory().tocsr()
+    elif _sparse_format(element) == "csr":
+        rows_source = anndata.io.sparse_dataset(element)
+
+    return CountMatrix(
+        path=path,
+        n_cells=n_cells,
+        n_genes=n_genes,
+        obs_names=obs_names,
+        obs=obs,
+        var=var,
+        uns_organism=_read_uns_organism(h5_file),
+        counts_location=location,
+        warnings=findings,
+        _file=h5_file,
+        _rows_source=rows_source,
+    )
+
+
+def _choose_counts_location(path, h5_file, counts):
+    if counts != "auto":
+        if not _is_matrix(h5_file, counts):
+            raise DatasetError(path, f"has no count matrix at {counts}")
+        problem = _counts_problem(h5_file[counts])
+        if problem:
+            raise DatasetError(path, f"{counts} holds {problem}; pass data.counts=... if raw counts are elsewhere")
+        return counts
+
+    findings, missing = [], []
+    for location in AUTO_COUNT_LOCATIONS:
+        if not _is_matrix(h5_file, location):
+            missing.append(_display_name(location))
+            continue
+        problem = _counts_problem(h5_file[location])
+        if problem is None:
+            return location
+        findings.append(f"{_display_name(location)} holds {problem}")
+    if missing:
+        findings.append("no " + " or ".join(missing))
+    other_layers = [name for name in h5_file.get("layers", {}) if name != "counts"]
+    if other_layers:
+        findings.append("other layers: " + ", ".join(other_layers))
+    findings.append("pass data.counts=... if raw counts are elsewhere")
+    raise DatasetError(path, "; ".join(findings))
+
+
+def _display_name(location):
+    if location.startswith("layers/"):
+        return f"layers['{location[len('layers/'):]}']"
+    return "raw.X" if location == "raw/X" else location
+
+
+def _is_matrix(h5_file, location):
+    if location not in h5_file:
+        return False
+    element = h5_file[location]
+    return isinstance(element, h5py.Dataset) or _sparse_format(element) in ("csr", "csc")
+
+
+def _sparse_format(element):
+    if isinstance(element, h5py.Dataset):
+        return None
+    encoding = element.attrs.get("encoding-type", element.attrs.get("h5sparse_format", ""))
+    encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
+    return encoding.replace("_matrix", "")
+
+
+def _element_shape(element):
+    if isinstance(element, h5py.Dataset):
+        if element.ndim != 2:
+            raise ValueError(f"count matrix has {element.ndim} dimensions")
+        return tuple(int(n) for n in element.shape)
+    shape = element.attrs.get("shape", element.attrs.get("h5sparse_shape"))
+    return int(shape[0]), int(shape[1])
+
+
+def _counts_problem(element):
+    """Why the first rows of a matrix are not raw counts, or None if they are."""
+    if isinstance(element, h5py.Dataset):
+        values = element[:N_SAMPLE_ROWS]
+    elif _sparse_format(element) == "csr":
+        end = int(element["indptr"][min(N_SAMPLE_ROWS, element["indptr"].shape[0] - 1)])
+        values = element["data"][:end]
+    else:
+        values = element["data"][:N_SAMPLE_CSC_VALUES]
+    return _values_problem(np.asarray(values).reshape(-1))
+
+
+def _values_problem(values):
+    """What ``values`` hold that raw counts do not (a phrase), or None if they are raw counts."""
+    if values.dtype.kind in "iub":
+        negative = values[values < 0]
+        return f"negative values (e.g. {negative[0]})" if negative.size else None
+    if values.dtype.kind != "f":
+        return f"{values.dtype} values, not numbers"
+    not_finite = values[~np.isfinite(values)]
+    if not_finite.size:
+        return f"NaN/inf values (e.g. {not_finite[0]})"
+    negative = values[values < 0]
+    if negative.size:
+        return f"negative values (e.g. {negative[0]:.4g})"
+    fractional = values[values != np.round(values)]
+    if fractional.size:
+        kind = "log-normalised" if values.max() < 30 else "normalised"
+        return f"non-integer values (e.g. {fractional[0]:.4g}), looks {kind}"
+    return None
+
+
+def _check_counts(block, path, location, rows):
+    problem = _values_problem(block.data)
+    if problem is None:
+        return
+    bad_value = ~np.isfinite(block.data) | (block.data < 0) | (block.data != np.round(block.data))
+    first_bad_row = rows[np.searchsorted(block.indptr, np.flatnonzero(bad_value)[0], side="right") - 1]
+    raise DatasetError(
+        path, f"{location} row {first_bad_row} (in rows read [{rows[0]}, {rows[-1] + 1})) holds {problem}"
+    )
+
+
+def _read_uns_organism(h5_file):
+    for key in ("uns/organism_ontology_term_id", "uns/organism"):
+        if key in h5_file and isinstance(h5_file[key], h5py.Dataset):
+            value = h5_file[key][()]
+            if isinstance(value, np.ndarray):
+                if value.size != 1:
+                    continue
+                value = value.reshape(-1)[0]
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
+
+
+def _short_reason(err):
+    """The informative part of an (h5py) error message, one line."""
+    message = " ".join(str(err).split())
+    if "(" in message and message.endswith(")"):
+        message = message[message.index("(") + 1 : -1]
+    return message or type(err).__name__
