@@ -134,10 +134,11 @@ def build_model(name: str = "tiny", checkpoint: str | Path | None = None, seed: 
         if expected and any(expected[k] != v for k, v in got.items()):
             warnings.warn(f"checkpoint {checkpoint} has {got}, not the {name!r} preset's shape", stacklevel=2)
         return model
+    config = preset_config(name)
     warnings.warn(
         f"model={name} without model.checkpoint: seeded random weights, the predicted labels are meaningless",
         stacklevel=2,
     )
-    model = random_model(preset_config(name), seed)
+    model = random_model(config, seed)
     model.checkpoint_path, model.checkpoint_sha256 = None, None
     return model
