@@ -1,0 +1,214 @@
+"""The Lightning data module: this rank's work units -> ready-to-run model batches.
+
+Each item of the dataset is one batch: ``batch_size`` consecutive rows of one
+unit, read from the source, QC'd, mapped to the vocabulary and tokenized in the
+DataLoader worker (vectorised, no per-cell Python loop). Dropped cells travel
+with the batch so the writer can list them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.manifest import done_parts
+from pipeline.neighbors import compute_neighbors, load_neighbors, save_neighbors
+from pipeline.plan import DatasetPlan, Unit, assign_units
+from pipeline.readers import DatasetError
+from pipeline.tokenize import cell_keys, gather, qc_reasons, select_genes
+
+log = logging.getLogger(__name__)
+
+
+def neighbors_path(out_dir, dataset: int) -> Path:
+    return Path(out_dir) / "neighbors" / f"dataset_{dataset}.npz"
+
+
+class UnitBatches(Dataset):
+    """Item ``i`` is one batch of one unit (see module docstring)."""
+
+    def __init__(
+        self,
+        units: list[Unit],
+        datasets: dict[int, DatasetPlan],
+        *,
+        vocabulary_offsets: dict[str, int],
+        max_len: int,
+        batch_size: int,
+        min_counts: int,
+        min_genes: int,
+        seed: int,
+        neighbors_dir: Path | None,
+    ):
+        self.datasets = datasets
+        self.offsets = vocabulary_offsets
+        self.max_len, self.seed = max_len, seed
+        self.min_counts, self.min_genes = min_counts, min_genes
+        self.neighbors_dir = neighbors_dir
+        self.items = []  # (unit, start, stop, last)
+        for unit in units:
+            for start in range(unit.start, unit.stop, batch_size):
+                stop = min(start + batch_size, unit.stop)
+                self.items.append((unit, start, stop, stop == unit.stop))
+        self._neighbors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        unit, start, stop, last = self.items[index]
+        batch = {"unit": (unit.part, unit.dataset, unit.start, unit.stop), "last": last, "error": ""}
+        try:
+            batch.update(self._tokenize(unit.dataset, start, stop))
+        except DatasetError as err:
+            batch["error"] = str(err)
+        except Exception as err:  # noqa: BLE001 - one broken unit must not stop the run
+            batch["error"] = f"{self.datasets[unit.dataset].path}: rows {start}-{stop}: {type(err).__name__}: {err}"
+        return batch
+
+    def _tokenize(self, dataset: int, start: int, stop: int) -> dict:
+        ds = self.datasets[dataset]
+        raw = ds.matrix.read_rows(start, stop)
+        rows = np.arange(start, stop)
+        vocab = (raw @ ds.gene_map).tocsr()
+        n_counts = np.asarray(raw.sum(1)).ravel()
+        n_genes = np.diff(vocab.indptr)
+        reasons = qc_reasons(n_counts, n_genes, self.min_counts, self.min_genes)
+        organisms = ds.cell_organisms[start:stop]
+        reasons[organisms != ds.gene_organism] = "organism_mismatch"
+        reasons[~np.isin(organisms, list(self.offsets))] = "organism_unsupported"
+        keep = reasons == ""
+        obs_names = ds.matrix.obs_names[start:stop]
+        cells = {
+            "dataset": np.full(keep.sum(), dataset, dtype=np.int64),
+            "row": rows[keep],
+            "obs_name": obs_names[keep],
+            "organism": organisms[keep],
+            "n_counts": n_counts[keep],
+            "n_genes": n_genes[keep],
+        }
+        dropped = {
+            "dataset": np.full((~keep).sum(), dataset, dtype=np.int64),
+            "row": rows[~keep],
+            "obs_name": obs_names[~keep],
+            "reason": reasons[~keep],
+        }
+        vocab = vocab[keep]
+        n, length = len(cells["row"]), min(self.max_len, vocab.shape[1])
+        out = {"cells": cells, "dropped": dropped}
+        if n == 0:
+            out["genes"] = torch.zeros(0, length, dtype=torch.long)
+            out["counts"] = torch.zeros(0, length)
+            return out
+        keys = cell_keys(self.seed, dataset, cells["row"])
+        if self.neighbors_dir is None:
+            genes = select_genes(vocab, keys, self.max_len)
+        else:
+            knn_vocab, knn_rows, dists = self._neighbor_counts(ds, cells["row"])
+            k = knn_rows.shape[1]
+            knn_dense = knn_vocab[knn_rows.ravel()].toarray()  # [n * K, G]
+            genes = select_genes(vocab, keys, self.max_len, knn_dense.reshape(n, k, -1).sum(1))
+            knn_counts = np.take_along_axis(knn_dense, np.repeat(genes, k, axis=0), axis=1)
+            out["knn_counts"] = torch.from_numpy(knn_counts.reshape(n, k, -1).astype(np.float32))
+            out["knn_dists"] = torch.from_numpy(dists.astype(np.float32))
+        out["genes"] = torch.from_numpy(genes + self.offsets[ds.gene_organism])
+        out["counts"] = torch.from_numpy(gather(vocab, np.arange(n), genes))
+        return out
+
+    def _neighbor_counts(self, ds: DatasetPlan, rows: np.ndarray):
+        """Vocabulary counts of the neighbours of ``rows``: (csr [n_unique + 1, G], [n, K] row index, [n, K] distance).
+
+        Missing neighbours (index -1, datasets with fewer cells than K + 1) point
+        at an all-zero last row.
+        """
+        if ds.dataset not in self._neighbors:
+            self._neighbors[ds.dataset] = load_neighbors(neighbors_path(self.neighbors_dir.parent, ds.dataset))
+        indices, distances = self._neighbors[ds.dataset]
+        idx, dist = indices[rows], distances[rows].copy()
+        unique, inverse = np.unique(idx, return_inverse=True)
+        real = unique[unique >= 0]
+        counts = (ds.matrix.read_rows_at(real) @ ds.gene_map).tocsr()
+        counts = sp.vstack([counts, sp.csr_matrix((1, counts.shape[1]), dtype=counts.dtype)]).tocsr()
+        position = np.where(unique >= 0, np.searchsorted(real, unique), len(real))
+        dist[idx < 0] = 0.0
+        return counts, position[inverse].reshape(idx.shape), dist
+
+
+class AtlasDataModule(L.LightningDataModule):
+    """Plans nothing itself: it is given the plan, and picks the units of its rank that are not done."""
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        min_counts: int = 1,
+        min_genes: int = 10,
+        n_neighbors: int = 6,
+        max_len: int = 256,
+        **plan_settings,
+    ):
+        super().__init__()
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.min_counts, self.min_genes, self.n_neighbors = min_counts, min_genes, n_neighbors
+        self.max_len = max_len
+        self.plan_settings = plan_settings  # counts, organism, cells_per_unit, min_gene_coverage
+        self.units: list[Unit] = []
+        self.datasets: dict[int, DatasetPlan] = {}
+        self.out_dir: Path | None = None
+        self.run, self.seed = 0, 0
+        self.vocabulary_offsets: dict[str, int] = {}
+        self.uses_neighbors = True
+        self.rank_units: list[Unit] = []
+
+    def attach(self, *, units, datasets, out_dir, run, seed, vocabulary_offsets, uses_neighbors) -> None:
+        """Give the module the run's plan (done by :func:`pipeline.predict.run_predict`)."""
+        self.units, self.datasets = units, {d.dataset: d for d in datasets}
+        self.out_dir, self.run, self.seed = Path(out_dir), run, seed
+        self.vocabulary_offsets, self.uses_neighbors = vocabulary_offsets, uses_neighbors
+
+    def setup(self, stage: str) -> None:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        done = done_parts(self.out_dir, self.run)
+        mine = assign_units([u for u in self.units if u.part not in done], world)[rank]
+        self.rank_units = mine
+        if self.uses_neighbors:
+            for dataset in sorted({u.dataset for u in mine}):
+                self._ensure_neighbors(self.datasets[dataset])
+        log.info("rank %d/%d: %d units, %d cells to embed", rank, world, len(mine), sum(u.n_cells for u in mine))
+
+    def _ensure_neighbors(self, ds: DatasetPlan) -> None:
+        path = neighbors_path(self.out_dir, ds.dataset)
+        if path.exists():
+            return
+        log.info("%s: computing the %d-nearest-neighbour graph of %d cells", ds.path, self.n_neighbors, ds.n_cells)
+        indices, distances = compute_neighbors(ds.matrix, n_neighbors=self.n_neighbors, seed=self.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_neighbors(path, indices, distances)
+
+    def predict_dataloader(self) -> DataLoader:
+        batches = UnitBatches(
+            self.rank_units,
+            self.datasets,
+            vocabulary_offsets=self.vocabulary_offsets,
+            max_len=self.max_len,
+            batch_size=self.batch_size,
+            min_counts=self.min_counts,
+            min_genes=self.min_genes,
+            seed=self.seed,
+            neighbors_dir=self.out_dir / "neighbors" if self.uses_neighbors else None,
+        )
+        return DataLoader(
+            batches,
+            batch_size=None,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if self.num_workers else None,
+        )

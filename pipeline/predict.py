@@ -1,0 +1,317 @@
+"""``scatlas predict``: plan, embed with Lightning, write parts atomically, report.
+
+The Lightning pieces are used as they are: ``Trainer.predict`` drives the loop,
+:class:`AtlasPredictor` wraps the network, :class:`PartWriter` (a
+``BasePredictionWriter``) writes each unit's files as soon as its last batch is
+predicted, then marks the unit done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from models import build_model
+from pipeline import manifest
+from pipeline.plan import DatasetPlan, Unit, make_units, plan_dataset, resolve_inputs
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_DATASETS_FAILED = 0, 3
+DEMO_DATASET = Path(__file__).parent / "data" / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
+
+
+def tool_version() -> str:
+    try:
+        return version("scprint-atlas")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class AtlasPredictor(L.LightningModule):
+    """The scPRINT-2 network as a LightningModule: batch of tokens -> (embs, top ids, scores) on CPU."""
+
+    def __init__(self, name: str = "tiny", checkpoint: str | None = None, max_len: int = 256, seed: int = 0):
+        super().__init__()
+        self.model = build_model(name, checkpoint, seed)
+        self.name, self.max_len = name, max_len
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict | None:
+        if batch["error"] or len(batch["genes"]) == 0:
+            return None
+        out = self.model.predict(batch["genes"], batch["counts"], batch.get("knn_counts"), batch.get("knn_dists"))
+        return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+class PartWriter(BasePredictionWriter):
+    """Collects the batches of a unit and writes its five files, then its done marker."""
+
+    def __init__(self, out_dir: Path, run: int):
+        super().__init__(write_interval="batch")
+        self.out_dir, self.run = Path(out_dir), run
+        self.pending: dict[int, dict] = {}
+        self.n_cells = 0
+        self.n_failed = 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        unit = Unit(*batch["unit"])
+        state = self.pending.setdefault(unit.part, {"outputs": [], "cells": [], "dropped": [], "error": "",
+                                                    "started": time.time()})  # fmt: skip
+        if batch["error"]:
+            state["error"] = state["error"] or batch["error"]
+        else:
+            state["cells"].append(batch["cells"])
+            state["dropped"].append(batch["dropped"])
+            if prediction is not None:
+                state["outputs"].append(prediction)
+        if not batch["last"]:
+            return
+        del self.pending[unit.part]
+        rank = trainer.global_rank
+        if state["error"]:
+            log.error("part %d failed: %s", unit.part, state["error"])
+            manifest.mark_failed(self.out_dir, self.run, unit, rank, state["error"])
+            self.n_failed += 1
+            return
+        record = write_part(self.out_dir, self.run, unit, rank, state, pl_module.model.config)
+        self.n_cells += record["n_cells"]
+        manifest.mark_done(self.out_dir, self.run, record)
+
+
+def write_part(out_dir: Path, run: int, unit: Unit, rank: int, state: dict, config) -> dict:
+    """Write one unit's embs/top3/scores/cells/dropped files atomically; return its done record."""
+    width = sum(w for _, w in config.embedding_blocks)
+    n_top = sum(config.topk.values())
+    outputs = state["outputs"]
+    arrays = {
+        "embs": np.concatenate([o["embs"] for o in outputs]) if outputs else np.zeros((0, width), np.float32),
+        "top3": np.concatenate([o["top_ids"] for o in outputs]).astype(np.int32)
+        if outputs else np.zeros((0, n_top), np.int32),
+        "scores": np.concatenate([o["top_scores"] for o in outputs]) if outputs else np.zeros((0, n_top), np.float32),
+    }  # fmt: skip
+    cells = pd.DataFrame({k: np.concatenate([c[k] for c in state["cells"]]) for k in state["cells"][0]})
+    dropped = pd.DataFrame({k: np.concatenate([d[k] for d in state["dropped"]]) for k in state["dropped"][0]})
+    cells["obs_name"] = cells["obs_name"].astype(str)
+    cells["organism"] = cells["organism"].astype(str)
+    dropped["obs_name"] = dropped["obs_name"].astype(str)
+    dropped["reason"] = dropped["reason"].astype(str)
+    if len(cells) != len(arrays["embs"]):
+        raise RuntimeError(f"part {unit.part}: {len(cells)} cells but {len(arrays['embs'])} embeddings")
+    stem = manifest.part_stem(run, unit.part, rank)
+    files = {}
+    for name, array in arrays.items():
+        path = out_dir / f"{stem}_{name}.npz"
+        manifest.atomic_write(path, lambda tmp, a=array, n=name: _save_npz(tmp, n, a))
+        files[path.name] = manifest.file_digest(path)
+    for name, table in (("cells", cells), ("dropped", dropped)):
+        path = out_dir / f"{stem}_{name}.parquet"
+        manifest.atomic_write(path, lambda tmp, t=table: t.to_parquet(tmp, index=False))
+        files[path.name] = manifest.file_digest(path)
+    return {
+        "part": unit.part, "dataset": unit.dataset, "start": unit.start, "stop": unit.stop, "rank": rank,
+        "stem": stem, "n_cells": len(cells), "n_dropped": len(dropped), "files": files,
+        "seconds": round(time.time() - state["started"], 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }  # fmt: skip
+
+
+def _save_npz(path: str, name: str, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.savez(fh, **{name: array})
+
+
+class CellsPerSecondBar(TQDMProgressBar):
+    """Lightning's progress bar, with cells/s and cells embedded."""
+
+    def on_predict_start(self, trainer, pl_module):
+        super().on_predict_start(trainer, pl_module)
+        self._t0, self._cells = time.time(), 0
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self._cells += 0 if batch["error"] else len(batch["cells"]["row"])
+        elapsed = max(time.time() - self._t0, 1e-6)
+        self.predict_progress_bar.set_postfix({"cells": self._cells, "cells/s": f"{self._cells / elapsed:.0f}"})
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def plan_run(cfg: DictConfig, vocabulary: dict[str, list[str]]) -> tuple[list[DatasetPlan], list[Unit]]:
+    """Plan every dataset and the units; reuse the stored unit plan of ``out_dir`` if there is one."""
+    paths = resolve_inputs(cfg.input if cfg.input else str(DEMO_DATASET))
+    stored_units, stored_paths = manifest.read_units(cfg.out_dir)
+    for dataset, path in stored_paths.items():
+        if dataset >= len(paths) or os.path.abspath(paths[dataset]) != os.path.abspath(path):
+            raise ValueError(
+                f"{cfg.out_dir} was planned with dataset {dataset} = {path}, but the inputs now give "
+                f"{paths[dataset] if dataset < len(paths) else 'nothing'}; keep the input list (new inputs may "
+                "only be appended) or use another out_dir"
+            )
+    settings = OmegaConf.to_container(cfg.data, resolve=True)
+    datasets = [plan_dataset(i, path, vocabulary, settings) for i, path in enumerate(paths)]
+    for ds in datasets:
+        if ds.status == "failed":
+            log.error("%s", ds.error)
+    units = make_units(datasets, int(cfg.data.cells_per_unit), stored_units)
+    return datasets, units
+
+
+def resolve_run(out_dir: Path, requested: int | None) -> int:
+    """The run counter: the one asked for, else the latest run of ``out_dir``, else 0."""
+    if requested is not None:
+        return int(requested)
+    path = out_dir / "atlas.json"
+    if path.exists():
+        runs = manifest.read_json(path).get("runs", [])
+        if runs:
+            return max(r["run"] for r in runs)
+    return 0
+
+
+def settings_fingerprint(cfg: DictConfig, model) -> dict:
+    """What changes the numbers a run writes; a resumed run must match it."""
+    return {
+        "model": cfg.model.name,
+        "checkpoint_sha256": model.checkpoint_sha256,
+        "max_len": int(cfg.model.max_len),
+        "seed": int(cfg.seed),
+        "min_counts": int(cfg.data.min_counts),
+        "min_genes": int(cfg.data.min_genes),
+        "n_neighbors": int(cfg.data.n_neighbors),
+        "counts": str(cfg.data.counts),
+        "organism": cfg.data.organism,
+    }
+
+
+def atlas_description(cfg: DictConfig, model, run: int, runs: list[dict]) -> dict:
+    """The content of ``atlas.json``."""
+    config = model.config
+    blocks, start = [], 0
+    for name, width in config.embedding_blocks:
+        blocks.append({"name": name, "start": start, "width": width})
+        start += width
+    classes, col = [], 0
+    for name, k in config.topk.items():
+        classes.append({"name": name, "k": k, "start": col, "n_labels": config.classes[name]})
+        col += k
+    return {
+        "format": "scprint-atlas/1",
+        "tool_version": tool_version(),
+        "embedding_width": start,
+        "embedding_blocks": blocks,
+        "top_columns": col,
+        "classes": classes,
+        "labels": {c: {str(code): term for code, term in config.label_decoders[c].items() if code < n}
+                   for c, n in config.classes.items()},  # fmt: skip
+        "model": {
+            "name": cfg.model.name,
+            "checkpoint": model.checkpoint_path,
+            "checkpoint_sha256": model.checkpoint_sha256,
+            "max_len": int(cfg.model.max_len),
+            "organisms": config.organisms,
+            "vocabulary_size": len(config.vocabulary),
+        },
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "run": run,
+        "runs": runs,
+    }
+
+
+def run_predict(cfg: DictConfig) -> int:
+    """Run (or resume) one atlas; returns the process exit code."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictor = AtlasPredictor(name=cfg.model.name, checkpoint=cfg.model.checkpoint,
+                               max_len=int(cfg.model.max_len), seed=int(cfg.seed))  # fmt: skip
+    model = predictor.model
+    run = resolve_run(out_dir, cfg.run)
+    fingerprint = settings_fingerprint(cfg, model)
+    runs = manifest.read_json(out_dir / "atlas.json").get("runs", []) if (out_dir / "atlas.json").exists() else []
+    previous = next((r for r in runs if r["run"] == run), None)
+    if previous and previous["settings"] != fingerprint:
+        changed = sorted(k for k in fingerprint if previous["settings"].get(k) != fingerprint[k])
+        raise ValueError(
+            f"{out_dir}: run {run} was made with other settings ({', '.join(changed)}); "
+            f"resume with the same settings, or start a new run with run={max(r['run'] for r in runs) + 1}"
+        )
+
+    datasets, units = plan_run(cfg, model.config.genes)
+    datamodule = instantiate(cfg.data)
+    datamodule.attach(
+        units=units, datasets=datasets, out_dir=out_dir, run=run, seed=int(cfg.seed),
+        vocabulary_offsets=model.config.organism_offsets,
+        uses_neighbors=model.config.expr_emb_style == "metacell",
+    )  # fmt: skip
+    writer = PartWriter(out_dir, run)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, CellsPerSecondBar()])
+    if trainer.global_rank == 0:
+        manifest.remove_temporaries(out_dir)
+        manifest.write_units(out_dir, units, {d.dataset: d.path for d in datasets})
+        if previous is None:
+            runs.append({"run": run, "settings": fingerprint, "attempts": []})
+        entry = next(r for r in runs if r["run"] == run)
+        entry["attempts"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": trainer.world_size})
+        manifest.write_json(out_dir / "atlas.json", atlas_description(cfg, model, run, runs))
+        write_datasets_table(out_dir, datasets, units, run)
+    trainer.predict(predictor, datamodule=datamodule, return_predictions=False)
+    trainer.strategy.barrier()
+    if trainer.global_rank != 0:
+        return EXIT_OK
+    table = write_datasets_table(out_dir, datasets, units, run)
+    entry["attempts"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    manifest.write_json(out_dir / "atlas.json", atlas_description(cfg, model, run, runs))
+    print_summary(out_dir, table, units, run)
+    return EXIT_DATASETS_FAILED if (table.status == "failed").any() else EXIT_OK
+
+
+def write_datasets_table(out_dir: Path, datasets: list[DatasetPlan], units: list[Unit], run: int) -> pd.DataFrame:
+    """``datasets.parquet``: planning facts plus each dataset's status from the part markers."""
+    done = manifest.done_parts(out_dir, run)
+    failed = manifest.failed_parts(out_dir, run)
+    rows = []
+    for ds in datasets:
+        row = ds.record()
+        mine = [u for u in units if u.dataset == ds.dataset]
+        row["n_units"] = len(mine)
+        row["n_units_done"] = sum(u.part in done for u in mine)
+        row["n_embedded"] = sum(done[u.part]["n_cells"] for u in mine if u.part in done)
+        row["n_dropped"] = sum(done[u.part]["n_dropped"] for u in mine if u.part in done)
+        errors = [failed[u.part]["error"] for u in mine if u.part in failed and u.part not in done]
+        if ds.status != "failed":
+            if errors:
+                row["status"], row["error"] = "failed", errors[0]
+            elif mine and row["n_units_done"] == len(mine):
+                row["status"] = "done"
+            else:
+                row["status"] = "pending"
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    manifest.atomic_write(out_dir / "datasets.parquet", lambda tmp: table.to_parquet(tmp, index=False))
+    return table
+
+
+def print_summary(out_dir: Path, table: pd.DataFrame, units: list[Unit], run: int) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=False)
+    done = manifest.done_parts(out_dir, run)
+    console.print(f"[bold]atlas[/bold] {out_dir.resolve()}  (run {run})")
+    console.print(
+        f"units done {sum(u.part in done for u in units)}/{len(units)}, cells embedded "
+        f"{int(table.n_embedded.sum()):,}, dropped {int(table.n_dropped.sum()):,}, "
+        f"datasets done {(table.status == 'done').sum()}/{len(table)}"
+    )
+    for row in table[table.status == "failed"].itertuples():
+        console.print(f"[red]failed[/red] {row.error}")
+    console.print(f"read it: scatlas status {out_dir}  |  scatlas validate {out_dir}")
