@@ -1,0 +1,126 @@
+"""pipeline.neighbors on the shipped real datasets."""
+
+import os
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+from sklearn.decomposition import PCA
+
+import pipeline.neighbors as neighbors
+from pipeline.neighbors import compute_neighbors, load_neighbors, pca_coordinates, save_neighbors
+from pipeline.readers import open_counts
+
+pytestmark = pytest.mark.filterwarnings("ignore::anndata.OldFormatWarning")
+
+DATA = Path(__file__).parent / "data"
+BMMC = DATA / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
+BRAIN = DATA / "tenx_mouse_brain_e18_10000x1000.h5ad"
+K = 6
+
+
+@pytest.fixture(scope="module")
+def brain_neighbors():
+    with open_counts(BRAIN) as matrix:
+        return compute_neighbors(matrix, n_neighbors=K, block_size=4000)
+
+
+def check_graph(indices, distances, n_cells):
+    assert indices.shape == distances.shape == (n_cells, K)
+    assert indices.dtype == np.int64 and distances.dtype == np.float32
+    assert ((indices >= 0) & (indices < n_cells)).all()
+    assert not (indices == np.arange(n_cells)[:, None]).any()
+    assert all(len(set(row)) == K for row in indices)
+    assert np.isfinite(distances).all() and (distances >= 0).all()
+    assert (np.diff(distances, axis=1) >= 0).all()
+
+
+def test_brain_graph(brain_neighbors):
+    indices, distances = brain_neighbors
+    check_graph(indices, distances, 10000)
+    with open_counts(BRAIN) as matrix:
+        # deterministic, and the same whatever the block size
+        again = compute_neighbors(matrix, n_neighbors=K, block_size=10_000)
+        empty_cells = np.flatnonzero(matrix.read_rows(0, matrix.n_cells).sum(axis=1).A1 == 0)
+    np.testing.assert_array_equal(again[0], indices)
+    np.testing.assert_array_equal(again[1], distances)
+    # the one all-zero cell still gets neighbours
+    assert empty_cells.tolist() == [1520]
+    assert (indices[1520] >= 0).all() and (distances[1520] > 0).all()
+
+
+def test_bmmc_neighbours_share_the_cell_type():
+    with open_counts(BMMC) as matrix:
+        indices, distances = compute_neighbors(matrix, n_neighbors=K, block_size=256)
+        cell_types = matrix.obs["cell_type"].to_numpy()
+        frequencies = matrix.obs["cell_type"].value_counts(normalize=True).to_numpy()
+    check_graph(indices, distances, 600)
+    same_type = np.mean(cell_types[indices] == cell_types[:, None])
+    chance = np.sum(frequencies**2)
+    # measured: 52% of neighbours share the annotated type (41 types), chance is 6.5%
+    assert same_type > 0.45
+    assert same_type > 6 * chance
+
+
+def test_streamed_pca_matches_a_full_pca():
+    with open_counts(BMMC) as matrix:
+        coordinates = pca_coordinates(matrix, block_size=128)
+        log_normalised = neighbors._log_normalised(matrix.read_rows(0, matrix.n_cells)).toarray()
+    assert coordinates.shape == (600, 30)  # n_cells // 20 components for <= 1000 cells
+    # 1000 genes < 2000: every gene is used, so this is the plain PCA of log1p(normalised counts)
+    reference = PCA(n_components=30, svd_solver="full").fit_transform(log_normalised)
+    np.testing.assert_allclose(np.abs(coordinates), np.abs(reference), atol=1e-4)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SCATLAS_SLOW_TESTS"),
+    reason="pynndescent's numba compilation takes 25-45 s; set SCATLAS_SLOW_TESTS=1 to run",
+)
+def test_approximate_search_beyond_the_exact_limit(brain_neighbors, monkeypatch):
+    monkeypatch.setattr(neighbors, "EXACT_KNN_MAX_CELLS", 1000)
+    with open_counts(BRAIN) as matrix:
+        indices, distances = compute_neighbors(matrix, n_neighbors=K, seed=0)
+        again = compute_neighbors(matrix, n_neighbors=K, seed=0)
+    check_graph(indices, distances, 10000)
+    np.testing.assert_array_equal(again[0], indices)
+    exact_indices, exact_distances = brain_neighbors
+    # measured recall of the exact neighbours: 0.88
+    recall = np.mean([len(set(found) & set(exact)) / K for found, exact in zip(indices, exact_indices)])
+    assert recall > 0.8
+    assert (distances >= exact_distances - 1e-5).all()
+
+
+@pytest.mark.parametrize("n_cells", [1, 2, 5])
+def test_tiny_dataset_pads_missing_neighbours(tmp_path, n_cells):
+    path = tmp_path / "tiny.h5ad"
+    ad.read_h5ad(BMMC)[:n_cells].copy().write_h5ad(path)
+    with open_counts(path) as matrix:
+        indices, distances = compute_neighbors(matrix, n_neighbors=K)
+    n_real = n_cells - 1
+    assert indices.shape == distances.shape == (n_cells, K)
+    assert (indices[:, n_real:] == -1).all() and (distances[:, n_real:] == 0).all()
+    for cell in range(n_cells):
+        assert sorted(indices[cell, :n_real]) == [other for other in range(n_cells) if other != cell]
+    assert (np.diff(distances[:, :n_real], axis=1) >= 0).all()
+
+
+def test_save_and_load_round_trip(tmp_path, brain_neighbors):
+    indices, distances = brain_neighbors
+    path = tmp_path / "neighbors.npz"
+    save_neighbors(path, indices, distances)
+    save_neighbors(path, indices, distances)  # overwrites in place
+    loaded_indices, loaded_distances = load_neighbors(path)
+    np.testing.assert_array_equal(loaded_indices, indices)
+    np.testing.assert_array_equal(loaded_distances, distances)
+    assert loaded_indices.dtype == np.int64 and loaded_distances.dtype == np.float32
+    assert [entry.name for entry in tmp_path.iterdir()] == ["neighbors.npz"]  # no temporary left
+
+
+def test_save_refuses_mismatched_arrays_and_load_refuses_other_files(tmp_path):
+    with pytest.raises(ValueError, match="differ in shape"):
+        save_neighbors(tmp_path / "bad.npz", np.zeros((3, 6), dtype=np.int64), np.zeros((3, 5), dtype=np.float32))
+    assert list(tmp_path.iterdir()) == []
+    np.savez(tmp_path / "other.npz", embeddings=np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="not a neighbour graph"):
+        load_neighbors(tmp_path / "other.npz")
