@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 AUTO_COUNT_LOCATIONS = ("layers/counts", "raw/X", "X")
 #: Rows sampled from the start of a matrix to decide whether it holds raw counts.
 N_SAMPLE_ROWS = 2000
-#: Stored values read from a CSC matrix to decide whether it holds raw counts.
-N_SAMPLE_CSC_VALUES = 2_000_000
+#: At most this many values (dense or CSC matrices) are sampled to decide whether they hold raw counts.
+N_SAMPLE_VALUES = 20_000_000
+#: Values of a dense matrix read at a time (40 MB of float32).
+DENSE_READ_VALUES = 10_000_000
 #: A CSC matrix with more stored values than this is worth a warning: it is
 #: converted to CSR in memory.
 CSC_WARNING_VALUES = 100_000_000
@@ -155,7 +157,11 @@ class CountMatrix:
         if self._rows_source is None:
             raise ValueError(f"{self.path}: the count matrix is closed")
         try:
-            block = self._rows_source[selection]
+            if isinstance(self._rows_source, h5py.Dataset):
+                rows = np.arange(selection.start, selection.stop) if isinstance(selection, slice) else selection
+                block = _read_dense_rows(self._rows_source, rows)
+            else:
+                block = self._rows_source[selection]
         except (OSError, KeyError, RuntimeError) as err:
             raise DatasetError(self.path, f"cannot read {what} of {self.counts_location}: {_short_reason(err)}") from err
         block = sp.csr_matrix(block, dtype=np.float32)
@@ -217,8 +223,8 @@ def open_counts(path, counts="auto"):
     :meth:`CountMatrix.read_rows` is checked again for raw counts.
     """
     path = os.fspath(path)
-    if counts != "auto" and counts not in ("X", "raw/X") and not (
-        counts.startswith("layers/") and len(counts) > len("layers/")
+    if not isinstance(counts, str) or (
+        counts not in ("auto", "X", "raw/X") and not (counts.startswith("layers/") and len(counts) > len("layers/"))
     ):
         raise ValueError(f"counts must be 'auto', 'X', 'raw/X' or 'layers/<name>', got {counts!r}")
     h5_file = _open_hdf5(path)
@@ -306,6 +312,19 @@ def _build_count_matrix(path, h5_file, counts):
     )
 
 
+def _read_dense_rows(dataset, rows):
+    """Rows (increasing) of a dense matrix as CSR, read a few at a time so a block is never held dense."""
+    rows_per_read = max(1, DENSE_READ_VALUES // max(dataset.shape[1], 1))
+    parts = [sp.csr_matrix((0, dataset.shape[1]), dtype=np.float32)]
+    for first in range(0, rows.size, rows_per_read):
+        chunk = rows[first : first + rows_per_read]
+        if chunk[-1] - chunk[0] + 1 == chunk.size:
+            parts.append(sp.csr_matrix(dataset[chunk[0] : chunk[-1] + 1]))
+        else:
+            parts.append(sp.csr_matrix(dataset[chunk]))
+    return sp.vstack(parts, format="csr")
+
+
 def _choose_counts_location(path, h5_file, counts):
     if counts != "auto":
         if not _is_matrix(h5_file, counts):
@@ -366,12 +385,13 @@ def _element_shape(element):
 def _counts_problem(element):
     """Why the first rows of a matrix are not raw counts, or None if they are."""
     if isinstance(element, h5py.Dataset):
-        values = element[:N_SAMPLE_ROWS]
+        n_genes = element.shape[1] if element.ndim == 2 else 1
+        values = element[: min(N_SAMPLE_ROWS, max(1, N_SAMPLE_VALUES // max(n_genes, 1)))]
     elif _sparse_format(element) == "csr":
         end = int(element["indptr"][min(N_SAMPLE_ROWS, element["indptr"].shape[0] - 1)])
         values = element["data"][:end]
     else:
-        values = element["data"][:N_SAMPLE_CSC_VALUES]
+        values = element["data"][:N_SAMPLE_VALUES]
     return _values_problem(np.asarray(values).reshape(-1))
 
 

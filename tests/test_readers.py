@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+import pipeline.readers as readers
 from pipeline.readers import CountMatrix, DatasetError, open_counts
 
 pytestmark = pytest.mark.filterwarnings("ignore::anndata.OldFormatWarning")
@@ -224,3 +225,12 @@ def test_count_matrix_is_a_plain_object():
     with open_counts(PBMC) as matrix:
         assert isinstance(matrix, CountMatrix)
         assert matrix.path == str(PBMC)
+
+
+def test_dense_rows_are_read_a_few_at_a_time(monkeypatch):
+    monkeypatch.setattr(readers, "DENSE_READ_VALUES", 3 * 16727)  # three rows per read
+    expected = anndata_counts(PBMC, "X")
+    with open_counts(PBMC) as matrix:
+        assert abs(matrix.read_rows(0, 200) - expected).max() == 0
+        rows = np.array([199, 3, 4, 5, 3, 100, 0])
+        assert abs(matrix.read_rows_at(rows) - expected[rows]).max() == 0
