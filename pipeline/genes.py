@@ -37,7 +37,7 @@ MISSING_ORGANISM_VALUES = {"", "unknown", "na", "nan", "none"}
 # stable gene ID with optional version suffix (.N) and GENCODE's _PAR_Y tag
 ENSEMBL_GENE_ID = re.compile(r"^(ENS[A-Z]*G\d{11})(\.\d+)?(_PAR_Y)?$")
 # var columns that may hold Ensembl IDs, in order of preference
-ENSEMBL_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl_gene_id", "feature_id", "gene_versions")
+ENSEMBL_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl_gene_id", "feature_id")
 # var columns that may hold gene symbols, besides var names
 SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol", "symbols", "gene_name", "gene_names")
 # suffix that anndata's var_names_make_unique ("-1") or Seurat's make.unique (".1") adds to repeated names
@@ -206,8 +206,7 @@ def to_ensembl(var, organism=None):
     Raises
     ------
     ValueError
-        The genes are symbols and the organism is not given and cannot be told
-        from them, or has no gene table.
+        ``organism`` is a name :func:`organism_id` does not know.
 
     Notes
     -----
@@ -220,6 +219,10 @@ def to_ensembl(var, organism=None):
     of several genes maps to a protein-coding one first, then the lowest ID.
     Ensembl IDs lose their version suffix and are kept even when the table
     does not know them; other features (ERCC spike-ins...) get ``''``.
+
+    Symbols that cannot be mapped (organism not given and no table matches
+    clearly more of them, or an organism without a table) give all-``''`` IDs,
+    ``organism=None`` and a ``source`` saying why.
     """
     var_names = var.index.to_numpy(dtype=str)
     candidates = [("var_names", var_names)]
@@ -239,20 +242,27 @@ def to_ensembl(var, organism=None):
         (f"var[{column!r}]", var[column].to_numpy(dtype=str)) for column in SYMBOL_COLUMNS if column in var.columns
     ]
     taxon = organism_id(organism)
-    if taxon is not None:
-        gene_table(taxon)  # raises for organisms without a table
+    if taxon is not None and taxon not in GENE_TABLE_FILES:
+        return _no_symbol_ids(len(var_names), f"symbols; no gene table for {taxon}")
     mapped = {
         (source, table_taxon): _map_symbols(symbols, table_taxon)
         for source, symbols in symbol_sources
         for table_taxon in ([taxon] if taxon else ORGANISMS)
     }
     if taxon is None:
-        taxon = _organism_of_symbols(mapped, len(var_names))
-    best = max(
+        n_exact = {
+            table_taxon: max(n for (_, mapped_taxon), (_, n) in mapped.items() if mapped_taxon == table_taxon)
+            for table_taxon in ORGANISMS
+        }
+        first, second = sorted(n_exact, key=n_exact.get, reverse=True)
+        if n_exact[first] == 0 or n_exact[first] < CLEAR_MAJORITY * n_exact[second]:
+            matches = ", ".join(f"{ORGANISMS[table_taxon]} {n}" for table_taxon, n in n_exact.items())
+            return _no_symbol_ids(len(var_names), f"symbols matching no gene table clearly (exact: {matches})")
+        taxon = first
+    source, ids, n_known = max(
         ((source, ids, int(np.sum(ids != ""))) for (source, table_taxon), (ids, _) in mapped.items() if table_taxon == taxon),
         key=lambda candidate: candidate[2],
     )
-    source, ids, n_known = best
     return GeneIds(
         ids=ids,
         organism=taxon,
@@ -261,16 +271,8 @@ def to_ensembl(var, organism=None):
     )
 
 
-def _organism_of_symbols(mapped, n_genes):
-    """The organism whose table matches clearly more symbols exactly, from ``_map_symbols`` results."""
-    n_exact = {taxon: max(n for (_, table_taxon), (_, n) in mapped.items() if table_taxon == taxon) for taxon in ORGANISMS}
-    first, second = sorted(n_exact, key=n_exact.get, reverse=True)
-    if n_exact[first] == 0 or n_exact[first] < CLEAR_MAJORITY * n_exact[second]:
-        counts = ", ".join(f"{ORGANISMS[taxon]} {n}" for taxon, n in n_exact.items())
-        raise ValueError(
-            f"cannot tell the organism from the gene symbols (exact matches: {counts} of {n_genes}); give the organism"
-        )
-    return first
+def _no_symbol_ids(n_genes, source):
+    return GeneIds(ids=np.full(n_genes, "", dtype=object), organism=None, source=source, n_unknown=n_genes)
 
 
 def vocabulary_matrix(ids, vocabulary):

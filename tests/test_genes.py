@@ -138,11 +138,14 @@ def test_ambiguous_symbols_pick_protein_coding_then_lowest_id():
     assert genes.n_unknown == 1
 
 
-def test_symbols_of_unknown_organism_need_the_organism():
-    with pytest.raises(ValueError, match="cannot tell the organism from the gene symbols"):
-        to_ensembl(pd.DataFrame(index=["gfp", "tdTomato_x"]))
-    with pytest.raises(ValueError, match="no gene table"):
-        to_ensembl(pd.DataFrame(index=["ACTB"]), organism="NCBITaxon:9541")
+def test_symbols_that_cannot_be_mapped_give_no_ids():
+    unclear = to_ensembl(pd.DataFrame(index=["gfp", "tdTomato_x", "Actb", "ACTB"]))
+    assert unclear.organism is None
+    assert unclear.ids.tolist() == ["", "", "", ""] and unclear.n_unknown == 4
+    assert unclear.source == "symbols matching no gene table clearly (exact: human 1, mouse 1)"
+    macaque = to_ensembl(pd.DataFrame(index=["ACTB", "GAPDH"]), organism="NCBITaxon:9541")
+    assert (macaque.organism, macaque.n_unknown) == (None, 2)
+    assert macaque.source == "symbols; no gene table for NCBITaxon:9541"
 
 
 def test_vocabulary_matrix_sums_repeated_genes():
