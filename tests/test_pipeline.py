@@ -1,0 +1,175 @@
+"""End to end: `scatlas predict` on the six real datasets, as a user runs it."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.atlas import load_state, read_part, validate
+
+DATA = Path(__file__).parent / "data"
+DATASETS = sorted(DATA.glob("*.h5ad"))
+HEART = DATA / "cxg_schema5_human_heart_fixture_320x136.h5ad"
+BMMC = DATA / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
+MOUSE_BRAIN = DATA / "tenx_mouse_brain_e18_10000x1000.h5ad"
+
+
+def scatlas(*args, cwd=None, check=True):
+    """Run the installed command line exactly as a user would."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"scatlas {args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def all_parts(out_dir):
+    state = load_state(out_dir)
+    return state, {part: read_part(out_dir, record) for part, record in state.done.items()}
+
+
+@pytest.fixture(scope="session")
+def atlas_all(tmp_path_factory):
+    out = tmp_path_factory.mktemp("atlas") / "all"
+    proc = scatlas("predict", f"input={DATA}", f"out_dir={out}", "data.num_workers=1", "data.cells_per_unit=4000",
+                   "model.max_len=128")
+    return out, proc
+
+
+def test_all_six_datasets_give_a_valid_complete_atlas(atlas_all):
+    out, proc = atlas_all
+    assert "units done 8/8" in proc.stdout
+    assert validate(out) == []
+    check = scatlas("validate", out)
+    assert "valid: 8 parts" in check.stdout
+    state, parts = all_parts(out)
+    description = json.loads((out / "atlas.json").read_text())
+    assert description["embedding_width"] == 120 and description["top_columns"] == 23
+    assert [b["name"] for b in description["embedding_blocks"]][:2] == ["other", "cell_type_ontology_term_id"]
+    assert description["labels"]["sex_ontology_term_id"] == {"0": "PATO:0000384", "1": "PATO:0000383"}
+    datasets = pd.read_parquet(out / "datasets.parquet")
+    assert list(datasets.status) == ["done"] * 6
+    assert [Path(p).name for p in datasets.path] == [p.name for p in DATASETS]
+    for part in parts.values():
+        n = len(part["cells"])
+        assert part["embs"].shape == (n, 120) and part["top3"].shape == (n, 23) and part["scores"].shape == (n, 23)
+        assert np.isfinite(part["embs"]).all() and ((part["scores"] >= 0) & (part["scores"] <= 1)).all()
+        assert part["top3"].min() >= 0
+    # every input cell exactly once, embedded or dropped, and mapped back to its source row and name
+    for row in datasets.itertuples():
+        adata = anndata.read_h5ad(row.path, backed="r")
+        assert row.n_cells == adata.n_obs
+        cells = pd.concat([p["cells"] for p in parts.values() if (p["cells"].dataset == row.dataset).any()])
+        dropped = pd.concat([p["dropped"] for p in parts.values()])
+        dropped = dropped[dropped.dataset == row.dataset]
+        rows = np.concatenate([cells.row, dropped.row])
+        assert np.array_equal(np.sort(rows), np.arange(adata.n_obs)), row.path
+        assert (cells.obs_name.to_numpy() == adata.obs_names[cells.row.to_numpy()]).all()
+        assert (dropped.obs_name.to_numpy() == adata.obs_names[dropped.row.to_numpy()]).all()
+        assert row.n_embedded == len(cells) and row.n_dropped == len(dropped)
+    bmmc = datasets.set_index("dataset").loc[datasets.path.str.endswith(BMMC.name).to_numpy().nonzero()[0][0]]
+    assert bmmc.counts_location == "layers/counts"
+
+
+def test_zero_count_cell_and_heart_organism_edge_cases_are_dropped_with_reasons(atlas_all):
+    out, _ = atlas_all
+    state, parts = all_parts(out)
+    dropped = pd.concat([p["dropped"] for p in parts.values()])
+    datasets = pd.read_parquet(out / "datasets.parquet").set_index("path")
+    brain = datasets.loc[str(MOUSE_BRAIN), "dataset"]
+    adata = anndata.read_h5ad(MOUSE_BRAIN)
+    zero = np.flatnonzero(np.asarray(adata.X.sum(1)).ravel() == 0)
+    assert len(zero) == 1
+    brain_dropped = dropped[dropped.dataset == brain].set_index("row")
+    assert brain_dropped.loc[zero[0], "reason"] == "no_counts"
+    heart = datasets.loc[str(HEART), "dataset"]
+    heart_dropped = dropped[dropped.dataset == heart].set_index("obs_name")
+    assert heart_dropped.loc["CTACTATCATGTGACT-1-H0025_LV-0", "reason"] == "organism_mismatch"  # mouse cell, human genes
+    assert heart_dropped.loc["CAGAGCCGTTCCTAAG-1-H0026_LV_V3-0", "reason"] == "organism_unsupported"  # macaque
+    heart_cells = pd.concat([p["cells"] for p in parts.values()])
+    heart_cells = heart_cells[heart_cells.dataset == heart].set_index("obs_name")
+    for name in ("AAACCCAGTTTCGTTT-1-H0025_LV-0", "TTACCGCTCGTGACTA-1-H0026_LV_V3-0", "GTCTAGATCCTCTTTC-1-H0025_LV-0"):
+        assert name in heart_cells.index or heart_dropped.loc[name, "reason"] in ("min_genes", "min_counts")
+    assert set(heart_cells.organism) == {"NCBITaxon:9606"}
+    assert set(dropped.reason) <= {"no_counts", "min_counts", "min_genes", "no_vocabulary_genes",
+                                   "organism_mismatch", "organism_unsupported"}  # fmt: skip
+
+
+def test_validate_catches_deleted_and_truncated_part_files(atlas_all, tmp_path):
+    out, _ = atlas_all
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    state = load_state(copy)
+    first, second = sorted(state.done.values(), key=lambda r: r["part"])[:2]
+    (copy / f"{first['stem']}_scores.npz").unlink()
+    path = copy / f"{second['stem']}_embs.npz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    problems = validate(copy)
+    assert any(f"part {first['part']}: missing files" in p for p in problems)
+    assert any(f"part {second['part']}: files changed" in p for p in problems)
+    proc = scatlas("validate", copy, check=False)
+    assert proc.returncode == 1 and "INVALID" in proc.stdout
+
+
+def test_outputs_of_a_cell_do_not_depend_on_units_or_batches(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    scatlas("predict", f"input={BMMC}", f"out_dir={a}", "data.num_workers=0")
+    scatlas("predict", f"input={BMMC}", f"out_dir={b}", "data.num_workers=0", "data.cells_per_unit=250",
+            "data.batch_size=17")  # fmt: skip
+    _, parts_a = all_parts(a)
+    _, parts_b = all_parts(b)
+    assert len(parts_a) == 1 and len(parts_b) == 3
+
+    def by_row(parts, key):
+        cells = np.concatenate([p["cells"].row for p in parts.values()])
+        values = np.concatenate([p[key] for p in parts.values()])
+        return values[np.argsort(cells)]
+
+    np.testing.assert_allclose(by_row(parts_a, "embs"), by_row(parts_b, "embs"), atol=1e-5)
+    np.testing.assert_array_equal(by_row(parts_a, "top3"), by_row(parts_b, "top3"))
+    # the embeddings carry the data: cells of one annotated type are closer than cells of different types
+    adata = anndata.read_h5ad(BMMC)
+    embs = by_row(parts_a, "embs")
+    labels = adata.obs.cell_type.to_numpy()
+    dist = np.linalg.norm(embs[:, None] - embs[None], axis=-1)
+    same = labels[:, None] == labels[None]
+    assert dist[same & ~np.eye(len(labels), dtype=bool)].mean() < 0.9 * dist[~same].mean()
+
+
+def test_resume_skips_done_units_and_keeps_part_ids(tmp_path):
+    out = tmp_path / "atlas"
+    scatlas("predict", f"input={BMMC}", f"out_dir={out}", "data.num_workers=0", "data.cells_per_unit=200")
+    first = load_state(out)
+    digests = {p: r["files"] for p, r in first.done.items()}
+    again = scatlas("predict", f"input={BMMC}", f"out_dir={out}", "data.num_workers=0", "data.cells_per_unit=200")
+    assert "0 cells to embed" in again.stderr + again.stdout
+    assert {p: r["files"] for p, r in load_state(out).done.items()} == digests
+    changed = scatlas("predict", f"input={BMMC}", f"out_dir={out}", "model.max_len=128", check=False)
+    assert changed.returncode == 2 and "other settings (max_len)" in changed.stderr
+
+
+def test_bad_dataset_is_recorded_and_the_others_are_embedded(tmp_path):
+    logged = tmp_path / "lognorm.h5ad"
+    adata = anndata.read_h5ad(DATA / "neurips2021_mouse_spleen_lymphnode_cite_rna_340x992.h5ad")
+    adata.X = np.log1p(adata.X.toarray())
+    adata.write_h5ad(logged)
+    out = tmp_path / "atlas"
+    proc = scatlas("predict", f"input=[{logged},{BMMC},{tmp_path / 'missing.h5ad'}]", f"out_dir={out}",
+                   "data.num_workers=0", check=False)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    datasets = pd.read_parquet(out / "datasets.parquet")
+    assert list(datasets.status) == ["failed", "done", "failed"]
+    assert "lognorm.h5ad" in datasets.error[0] and "log" in datasets.error[0]
+    assert "missing.h5ad" in datasets.error[2] and "does not exist" in datasets.error[2]
+    assert validate(out) == []
+    status = scatlas("status", out).stdout
+    assert "1/3 done, 2 failed" in status and "lognorm.h5ad" in status
