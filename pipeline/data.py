@@ -184,11 +184,10 @@ class AtlasDataModule(L.LightningDataModule):
 
     def _ensure_neighbors(self, ds: DatasetPlan) -> None:
         path = neighbors_path(self.out_dir, ds.dataset)
-        if path.exists():
+        if path.exists() and len(load_neighbors(path)[0]) == ds.n_cells:
             return
         log.info("%s: computing the %d-nearest-neighbour graph of %d cells", ds.path, self.n_neighbors, ds.n_cells)
         indices, distances = compute_neighbors(ds.matrix, n_neighbors=self.n_neighbors, seed=self.seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
         save_neighbors(path, indices, distances)
 
     def predict_dataloader(self) -> DataLoader:

@@ -6,13 +6,13 @@ the count matrix in row blocks, and stored next to the run's outputs.
 """
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 from sklearn.neighbors import NearestNeighbors
+
+from pipeline.manifest import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -209,14 +209,13 @@ def save_neighbors(path, indices, distances):
     path = Path(path)
     if indices.shape != distances.shape:
         raise ValueError(f"{path}: indices {indices.shape} and distances {distances.shape} differ in shape")
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(temporary):
+        with open(temporary, "wb") as file:
             np.savez(file, indices=indices.astype(np.int64), distances=distances.astype(np.float32))
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+
+    atomic_write(path, write)
 
 
 def load_neighbors(path):

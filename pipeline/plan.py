@@ -117,6 +117,8 @@ def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], sett
         _map_genes(plan, matrix, vocabulary, settings)
     except DatasetError as err:
         plan.status, plan.error = "failed", str(err)
+    except ValueError as err:  # e.g. an organism name we cannot read
+        plan.status, plan.error = "failed", str(DatasetError(path, str(err)))
     return plan
 
 
