@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.manifest import done_parts
+from pipeline.manifest import done_parts, mark_failed
 from pipeline.neighbors import compute_neighbors, load_neighbors, save_neighbors
 from pipeline.plan import DatasetPlan, Unit, assign_units
 from pipeline.readers import DatasetError
@@ -176,10 +176,16 @@ class AtlasDataModule(L.LightningDataModule):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         done = done_parts(self.out_dir, self.run)
         mine = assign_units([u for u in self.units if u.part not in done], world)[rank]
-        self.rank_units = mine
         if self.uses_neighbors:
             for dataset in sorted({u.dataset for u in mine}):
-                self._ensure_neighbors(self.datasets[dataset])
+                try:
+                    self._ensure_neighbors(self.datasets[dataset])
+                except DatasetError as err:  # e.g. a bad value past the rows checked at planning
+                    log.error("%s", err)
+                    for unit in (u for u in mine if u.dataset == dataset):
+                        mark_failed(self.out_dir, self.run, unit, rank, str(err))
+                    mine = [u for u in mine if u.dataset != dataset]
+        self.rank_units = mine
         log.info("rank %d/%d: %d units, %d cells to embed", rank, world, len(mine), sum(u.n_cells for u in mine))
 
     def _ensure_neighbors(self, ds: DatasetPlan) -> None:

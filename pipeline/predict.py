@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -28,7 +29,7 @@ from pipeline.plan import DatasetPlan, Unit, make_units, plan_dataset, resolve_i
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_DATASETS_FAILED = 0, 3
+EXIT_OK, EXIT_DATASETS_FAILED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 0, 3, 75, 130  # 75: "requeue me" (slurm/)
 DEMO_DATASET = Path(__file__).parent / "data" / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
 
 
@@ -37,6 +38,34 @@ def tool_version() -> str:
         return version("scprint-atlas")
     except PackageNotFoundError:
         return "unknown"
+
+
+class Preempted(Exception):
+    """Raised at a batch boundary after SIGTERM / SIGUSR1: the current unit is abandoned, done units stay done."""
+
+
+_STOP = {"signal": None}
+
+
+def _request_stop(signum, frame) -> None:
+    if signum == signal.SIGINT and _STOP["signal"] is not None:
+        raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    if _STOP["signal"] is None:
+        log.warning("received signal %d: stopping at the next batch (done units are kept; run the same "
+                    "command again to resume)", signum)  # fmt: skip
+    _STOP["signal"] = signum
+
+
+def install_stop_handlers() -> None:
+    """SIGTERM / SIGUSR1 (SLURM's warning before a time limit or pre-emption) and Ctrl-C ask the run to stop.
+
+    The run stops at the next batch boundary: the current unit is abandoned,
+    done units stay done. Installed before Lightning's own handlers, so
+    Lightning keeps ours and does not save a training checkpoint on SIGUSR1.
+    """
+    _STOP["signal"] = None
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, _request_stop)
 
 
 class AtlasPredictor(L.LightningModule):
@@ -65,6 +94,8 @@ class PartWriter(BasePredictionWriter):
         self.n_failed = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if _STOP["signal"] is not None:
+            raise Preempted(f"stopped by signal {_STOP['signal']}")
         unit = Unit(*batch["unit"])
         state = self.pending.setdefault(unit.part, {"outputs": [], "cells": [], "dropped": [], "error": "",
                                                     "started": time.time()})  # fmt: skip
@@ -109,6 +140,9 @@ def write_part(out_dir: Path, run: int, unit: Unit, rank: int, state: dict, conf
     if len(cells) != len(arrays["embs"]):
         raise RuntimeError(f"part {unit.part}: {len(cells)} cells but {len(arrays['embs'])} embeddings")
     stem = manifest.part_stem(run, unit.part, rank)
+    for stale in out_dir.glob(f"step_{run}__predict_part_{unit.part}_*"):  # an earlier attempt on another rank
+        if not stale.name.startswith(stem + "_"):
+            stale.unlink(missing_ok=True)
     files = {}
     for name, array in arrays.items():
         path = out_dir / f"{stem}_{name}.npz"
@@ -232,6 +266,7 @@ def run_predict(cfg: DictConfig) -> int:
     """Run (or resume) one atlas; returns the process exit code."""
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    install_stop_handlers()
     predictor = AtlasPredictor(name=cfg.model.name, checkpoint=cfg.model.checkpoint,
                                max_len=int(cfg.model.max_len), seed=int(cfg.seed))  # fmt: skip
     model = predictor.model
@@ -264,7 +299,14 @@ def run_predict(cfg: DictConfig) -> int:
         entry["attempts"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": trainer.world_size})
         manifest.write_json(out_dir / "atlas.json", atlas_description(cfg, model, run, runs))
         write_datasets_table(out_dir, datasets, units, run)
-    trainer.predict(predictor, datamodule=datamodule, return_predictions=False)
+    try:
+        trainer.predict(predictor, datamodule=datamodule, return_predictions=False)
+    except BaseException:
+        if _STOP["signal"] is None:
+            raise
+        log.warning("rank %d stopped by signal %d; done units are kept, resume with the same command",
+                    trainer.global_rank, _STOP["signal"])  # fmt: skip
+        return EXIT_INTERRUPTED if _STOP["signal"] == signal.SIGINT else EXIT_PREEMPTED
     trainer.strategy.barrier()
     if trainer.global_rank != 0:
         return EXIT_OK
