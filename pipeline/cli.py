@@ -37,7 +37,7 @@ def predict(argv: list[str]) -> int:
             print(f"scatlas predict: error: {err}", file=sys.stderr)
             exit_code["code"] = 2
 
-    sys.argv = ["scatlas predict", *argv]
+    sys.argv = [str(Path(__file__).with_name("__main__.py")), *argv]  # DDP re-launches this file on each rank
     app()
     return exit_code["code"]
 

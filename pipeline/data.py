@@ -21,7 +21,7 @@ from pipeline.manifest import done_parts, mark_failed
 from pipeline.neighbors import compute_neighbors, load_neighbors, save_neighbors
 from pipeline.plan import DatasetPlan, Unit, assign_units
 from pipeline.readers import DatasetError
-from pipeline.tokenize import cell_keys, gather, qc_reasons, select_genes
+from pipeline.tokens import cell_keys, gather, qc_reasons, select_genes
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pandas as pd
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf

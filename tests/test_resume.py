@@ -1,73 +1,17 @@
 """Crash safety: kill -9, SIGTERM, bad inputs and failing writes never lose or duplicate a cell."""
 
-import os
 import resource
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import anndata
 import numpy as np
 import pandas as pd
-import pytest
 import scipy.sparse as sp
 
-from pipeline.atlas import load_state, read_part, validate
-
-DATA = Path(__file__).parent / "data"
-SMALL = [
-    DATA / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad",
-    DATA / "neurips2021_mouse_spleen_lymphnode_cite_rna_340x992.h5ad",
-    DATA / "cxg_schema5_human_heart_fixture_320x136.h5ad",
-    DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad",
-]
-FAST = ["data.num_workers=0", "data.cells_per_unit=100", "data.batch_size=50", "model.max_len=64"]
-
-
-def predict_args(out, inputs=SMALL, extra=()):
-    return [sys.executable, "-m", "pipeline", "predict", f"input=[{','.join(map(str, inputs))}]", f"out_dir={out}",
-            *FAST, *extra]  # fmt: skip
-
-
-def run(args, **kwargs):
-    return subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
-
-
-def interrupt(out, sig, n_done):
-    """Start a predict, send ``sig`` to its whole process group once ``n_done`` parts are done."""
-    proc = subprocess.Popen(predict_args(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    markers = Path(out) / "manifest" / "run_0"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if len(list(markers.glob("part_*.done.json"))) >= n_done:
-            os.killpg(proc.pid, sig)
-            break
-        time.sleep(0.02)
-    stdout, stderr = proc.communicate(timeout=300)
-    return proc.returncode, stdout, stderr
-
-
-def cells_and_outputs(out):
-    state = load_state(out)
-    parts = [read_part(out, r) for r in state.done.values()]
-    cells = pd.concat([p["cells"] for p in parts], ignore_index=True)
-    dropped = pd.concat([p["dropped"] for p in parts], ignore_index=True)
-    embs = np.concatenate([p["embs"] for p in parts])
-    top3 = np.concatenate([p["top3"] for p in parts])
-    order = np.lexsort((cells.row, cells.dataset))
-    return state, cells.iloc[order].reset_index(drop=True), dropped, embs[order], top3[order]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference") / "atlas"
-    proc = run(predict_args(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cells_and_outputs(out)
-
+from conftest import DATA, SMALL, cells_and_outputs, interrupt, predict_args, run
+from pipeline.atlas import load_state, validate
 
 def assert_same_atlas(out, reference):
     assert validate(out) == []
@@ -84,7 +28,7 @@ def assert_same_atlas(out, reference):
 
 def test_kill_9_then_resume_loses_and_duplicates_nothing(tmp_path, reference):
     out = tmp_path / "atlas"
-    code, _, _ = interrupt(out, signal.SIGKILL, n_done=3)
+    code, _, _ = interrupt(predict_args(out), out, signal.SIGKILL, n_done=3)
     assert code == -signal.SIGKILL
     n_units = len(load_state(out).units)
     done_before = load_state(out).done
@@ -99,7 +43,7 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(tmp_path, reference):
 
 def test_sigterm_stops_cleanly_with_requeue_code_and_resumes(tmp_path, reference):
     out = tmp_path / "atlas"
-    code, _, stderr = interrupt(out, signal.SIGTERM, n_done=2)
+    code, _, stderr = interrupt(predict_args(out), out, signal.SIGTERM, n_done=2)
     assert code == 75, stderr[-3000:]
     state = load_state(out)
     assert 2 <= len(state.done) < len(state.units)

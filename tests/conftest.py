@@ -1,0 +1,67 @@
+"""Shared helpers: run `scatlas` as a user would, on copies of the real datasets in tests/data."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.atlas import load_state, read_part
+
+DATA = Path(__file__).parent / "data"
+SMALL = [
+    DATA / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad",
+    DATA / "neurips2021_mouse_spleen_lymphnode_cite_rna_340x992.h5ad",
+    DATA / "cxg_schema5_human_heart_fixture_320x136.h5ad",
+    DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad",
+]
+FAST = ["data.num_workers=0", "data.cells_per_unit=100", "data.batch_size=50", "model.max_len=64"]
+
+
+def predict_args(out, inputs=SMALL, extra=()):
+    return [sys.executable, "-m", "pipeline", "predict", f"input=[{','.join(map(str, inputs))}]", f"out_dir={out}",
+            *FAST, *extra]  # fmt: skip
+
+
+def run(args, **kwargs):
+    return subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+
+
+def interrupt(args, out, sig, n_done):
+    """Start ``args`` (a predict into ``out``), send ``sig`` to its process group once ``n_done`` parts are done."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    markers = Path(out) / "manifest" / "run_0"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(markers.glob("part_*.done.json"))) >= n_done:
+            os.killpg(proc.pid, sig)
+            break
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stdout, stderr
+
+
+def cells_and_outputs(out):
+    state = load_state(out)
+    parts = [read_part(out, r) for r in state.done.values()]
+    cells = pd.concat([p["cells"] for p in parts], ignore_index=True)
+    dropped = pd.concat([p["dropped"] for p in parts], ignore_index=True)
+    embs = np.concatenate([p["embs"] for p in parts])
+    top3 = np.concatenate([p["top3"] for p in parts])
+    order = np.lexsort((cells.row, cells.dataset))
+    return state, cells.iloc[order].reset_index(drop=True), dropped, embs[order], top3[order]
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "atlas"
+    proc = run(predict_args(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cells_and_outputs(out)
+
+
