@@ -21,7 +21,7 @@ from pipeline.manifest import done_parts, mark_failed
 from pipeline.neighbors import compute_neighbors, load_neighbors, save_neighbors
 from pipeline.plan import DatasetPlan, Unit, assign_units
 from pipeline.readers import DatasetError
-from pipeline.tokens import cell_keys, gather, qc_reasons, select_genes
+from pipeline.tokens import cell_keys, lookup, qc_reasons, select_genes
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +112,15 @@ class UnitBatches(Dataset):
         else:
             knn_vocab, knn_rows, dists = self._neighbor_counts(ds, cells["row"])
             k = knn_rows.shape[1]
-            knn_dense = knn_vocab[knn_rows.ravel()].toarray()  # [n * K, G]
-            genes = select_genes(vocab, keys, self.max_len, knn_dense.reshape(n, k, -1).sum(1))
-            knn_counts = np.take_along_axis(knn_dense, np.repeat(genes, k, axis=0), axis=1)
-            out["knn_counts"] = torch.from_numpy(knn_counts.reshape(n, k, -1).astype(np.float32))
+            # [n, n_neighbours_read] with a 1 per (cell, neighbour): times their counts = summed neighbour counts
+            pick = sp.csr_matrix((np.ones(knn_rows.size), (np.repeat(np.arange(n), k), knn_rows.ravel())),
+                                 shape=(n, knn_vocab.shape[0]))  # fmt: skip
+            genes = select_genes(vocab, keys, self.max_len, (pick @ knn_vocab).tocsr())
+            knn_counts = lookup(knn_vocab, knn_rows.ravel(), np.repeat(genes, k, axis=0))
+            out["knn_counts"] = torch.from_numpy(knn_counts.reshape(n, k, -1))
             out["knn_dists"] = torch.from_numpy(dists.astype(np.float32))
         out["genes"] = torch.from_numpy(genes + self.offsets[ds.gene_organism])
-        out["counts"] = torch.from_numpy(gather(vocab, np.arange(n), genes))
+        out["counts"] = torch.from_numpy(lookup(vocab, np.arange(n), genes))
         return out
 
     def _neighbor_counts(self, ds: DatasetPlan, rows: np.ndarray):

@@ -1,0 +1,82 @@
+"""Gene selection (upstream's "random expr") on real cells."""
+
+import anndata
+import numpy as np
+import scipy.sparse as sp
+
+from conftest import DATA
+from pipeline.tokens import cell_keys, lookup, select_genes
+
+PBMC = DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"
+
+
+def pbmc_counts():
+    return sp.csr_matrix(anndata.read_h5ad(PBMC).X.astype(np.float32))
+
+
+def test_long_cells_show_a_random_subset_of_their_expressed_genes():
+    counts = pbmc_counts()
+    keys = cell_keys(0, 3, np.arange(counts.shape[0]))
+    genes = select_genes(counts, keys, 256)
+    nnz = np.diff(counts.indptr)
+    assert (nnz > 256).sum() > 150  # most PBMC cells express more genes than that
+    for row in np.flatnonzero(nnz > 256)[:50]:
+        chosen = genes[row]
+        assert len(np.unique(chosen)) == 256
+        assert (counts[row].toarray().ravel()[chosen] > 0).all()
+    # every expressed gene of a cell is about equally likely: over the cells, the chance to be
+    # chosen is 256 / nnz; compare observed and expected totals for the most expressed genes
+    expected = observed = 0.0
+    for row in np.flatnonzero(nnz > 256):
+        top = counts[row].indices[np.argsort(-counts[row].data)[:20]]
+        expected += 20 * 256 / nnz[row]
+        observed += np.isin(top, genes[row]).sum()
+    assert abs(observed - expected) < 0.1 * expected  # not biased towards highly expressed genes
+
+
+def test_short_cells_show_all_genes_then_neighbour_genes_then_random_ones():
+    counts = pbmc_counts()[:40]
+    n_cells, n_vocab = counts.shape
+    keys = cell_keys(0, 0, np.arange(n_cells))
+    length = 4000  # longer than any cell's expressed genes
+    rng = np.random.default_rng(0)
+    neighbour_sums = counts[rng.integers(0, n_cells, n_cells)] + counts[rng.integers(0, n_cells, n_cells)]
+    genes = select_genes(counts, keys, length, sp.csr_matrix(neighbour_sums))
+    assert genes.shape == (n_cells, length)
+    for row in range(n_cells):
+        chosen = set(genes[row])
+        assert len(chosen) == length
+        expressed = set(counts[row].indices[counts[row].data > 0])
+        assert expressed <= chosen
+        by_neighbours = neighbour_sums[row].toarray().ravel()
+        by_neighbours[list(expressed)] = 0
+        ranked = np.argsort(-by_neighbours, kind="stable")
+        n_slots = length - len(expressed)
+        n_neighbour_genes = int((by_neighbours > 0).sum())
+        if n_neighbour_genes <= n_slots:  # all of them fit, the rest is random
+            assert set(ranked[:n_neighbour_genes]) <= chosen
+        else:  # the most expressed by neighbours win
+            threshold = by_neighbours[ranked[n_slots - 1]]
+            assert all(g in chosen for g in ranked[:n_slots] if by_neighbours[g] > threshold)
+
+
+def test_a_cells_genes_depend_only_on_its_key():
+    counts = pbmc_counts()
+    keys = cell_keys(7, 1, np.arange(counts.shape[0]))
+    together = select_genes(counts, keys, 300)
+    alone = np.concatenate([select_genes(counts[i : i + 7], keys[i : i + 7], 300) for i in range(0, 200, 7)])
+    np.testing.assert_array_equal(together, alone)
+    other_seed = select_genes(counts, cell_keys(8, 1, np.arange(counts.shape[0])), 300)
+    assert (other_seed != together).any(axis=1).mean() > 0.9
+    values = lookup(counts, np.arange(counts.shape[0]), together)
+    np.testing.assert_array_equal(values, np.take_along_axis(counts.toarray(), together, axis=1))
+
+
+def test_vocabulary_barely_larger_than_max_len():
+    counts = pbmc_counts()[:20, :300]
+    keys = cell_keys(0, 0, np.arange(20))
+    genes = select_genes(counts, keys, 290)
+    assert genes.shape == (20, 290)
+    assert all(len(np.unique(row)) == 290 for row in genes)
+    everything = select_genes(counts, keys, 1000)  # max_len above the vocabulary: every gene once
+    assert (everything == np.arange(300)).all()
