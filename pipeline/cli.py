@@ -3,6 +3,7 @@
     scatlas predict [key=value ...]   embed datasets (a Hydra app: configs/predict.yaml; --help lists the groups)
     scatlas status ATLAS_DIR          units and cells done, failures, per-rank throughput, ETA
     scatlas validate ATLAS_DIR        exit 0 only if the atlas is complete and consistent
+    scatlas bench [--help]            data path, memory, forward and end-to-end throughput figures
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def predict(argv: list[str]) -> int:
         except (FileNotFoundError, ValueError, CheckpointError) as err:
             print(f"scatlas predict: error: {err}", file=sys.stderr)
             exit_code["code"] = 2
+        if exit_code["code"]:  # also what a Hydra launcher (submitit) sees as the job's status
+            sys.exit(exit_code["code"])
 
     sys.argv = [str(Path(__file__).with_name("__main__.py")), *argv]  # DDP re-launches this file on each rank
     app()
@@ -46,7 +49,7 @@ def status(argv: list[str]) -> int:
     from pipeline.atlas import load_state, status_report
 
     args = _atlas_args("status", argv)
-    print(status_report(load_state(args.atlas_dir, args.run)))
+    print("\n\n".join(status_report(load_state(d, args.run)) for d in args.atlas_dirs))
     return 0
 
 
@@ -54,29 +57,42 @@ def validate(argv: list[str]) -> int:
     from pipeline.atlas import load_state, validate as check
 
     args = _atlas_args("validate", argv)
-    problems = check(args.atlas_dir, args.run)
-    state = load_state(args.atlas_dir, args.run)
-    for row in state.datasets[state.datasets.status == "failed"].itertuples():
-        print(f"note: dataset {row.dataset} failed and is not in the atlas: {row.error}")
-    for problem in problems:
-        print(f"invalid: {problem}")
-    if problems:
-        print(f"{args.atlas_dir}: INVALID ({len(problems)} problems)")
-        return 1
-    n_cells = sum(r["n_cells"] for r in state.done.values())
-    n_dropped = sum(r["n_dropped"] for r in state.done.values())
-    print(f"{args.atlas_dir}: valid: {len(state.done)} parts, {n_cells:,} cells embedded, {n_dropped:,} dropped")
-    return 0
+    n_invalid = 0
+    for atlas_dir in args.atlas_dirs:
+        problems = check(atlas_dir, args.run)
+        state = load_state(atlas_dir, args.run)
+        for row in state.datasets[state.datasets.status == "failed"].itertuples():
+            print(f"note: dataset {row.dataset} failed and is not in the atlas: {row.error}")
+        for problem in problems:
+            print(f"invalid: {problem}")
+        if problems:
+            print(f"{atlas_dir}: INVALID ({len(problems)} problems)")
+            n_invalid += 1
+            continue
+        n_cells = sum(r["n_cells"] for r in state.done.values())
+        n_dropped = sum(r["n_dropped"] for r in state.done.values())
+        print(f"{atlas_dir}: valid: {len(state.done)} parts, {n_cells:,} cells embedded, {n_dropped:,} dropped")
+    return 1 if n_invalid else 0
 
 
 def _atlas_args(command: str, argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"scatlas {command}", description=USAGE.split("\n")[{"status": 3, "validate": 4}[command]].strip())
-    parser.add_argument("atlas_dir", help="the out_dir of a scatlas predict run")
+    descriptions = {
+        "status": "Units and cells done, failures, per-rank throughput and ETA of atlas directories.",
+        "validate": "Check atlas directories are complete and consistent; exit 0 only if all are.",
+    }
+    parser = argparse.ArgumentParser(prog=f"scatlas {command}", description=descriptions[command])
+    parser.add_argument("atlas_dirs", nargs="+", metavar="ATLAS_DIR", help="out_dir of a scatlas predict run")
     parser.add_argument("--run", type=int, default=None, help="run counter (default: the latest run)")
     return parser.parse_args(argv)
 
 
-COMMANDS = {"predict": predict, "status": status, "validate": validate}
+def bench(argv: list[str]) -> int:
+    from pipeline.bench import main as run_bench
+
+    return run_bench(argv)
+
+
+COMMANDS = {"predict": predict, "status": status, "validate": validate, "bench": bench}
 
 
 def main(argv: list[str] | None = None) -> int:

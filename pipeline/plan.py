@@ -83,7 +83,7 @@ def resolve_inputs(spec) -> list[str]:
             if not found:
                 raise ValueError(f"input directory {item} holds no {'/'.join(READABLE_SUFFIXES)} file")
             paths += found
-        elif glob.has_magic(item):
+        elif glob.has_magic(item) and not os.path.exists(item):
             found = sorted(glob.glob(item))
             if not found:
                 raise ValueError(f"input pattern {item} matches no file")

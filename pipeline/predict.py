@@ -305,6 +305,7 @@ def run_predict(cfg: DictConfig) -> int:
             raise
         log.warning("rank %d stopped by signal %d; done units are kept, resume with the same command",
                     trainer.global_rank, _STOP["signal"])  # fmt: skip
+        trainer.strategy.barrier()  # release ranks that finished and wait for the others
         return EXIT_INTERRUPTED if _STOP["signal"] == signal.SIGINT else EXIT_PREEMPTED
     trainer.strategy.barrier()
     if trainer.global_rank != 0:
