@@ -97,12 +97,13 @@ def select_genes(
     counts = counts.tocsr()
     r, g, _ = _entries(counts)
     add(r, g, 0, _uniform(keys[r], g))
+    short = np.flatnonzero(np.bincount(r, minlength=n_cells) < length)  # only these need filling
     if neighbor_sums is not None:
-        r, g, s = _entries(neighbor_sums.tocsr())
-        add(r, g, 1, -s.astype(np.float64))
+        r, g, s = _entries(neighbor_sums.tocsr()[short])
+        add(short[r], g, 1, -s.astype(np.float64))
     n_draws = length + EXTRA_DRAWS
-    r = np.repeat(np.arange(n_cells), n_draws)
-    draw = np.tile(np.arange(n_draws, dtype=np.uint64), n_cells)
+    r = np.repeat(short, n_draws)
+    draw = np.tile(np.arange(n_draws, dtype=np.uint64), len(short))
     g = (_hash(keys[r], draw, _DRAW_STRIDE) % np.uint64(n_vocab)).astype(np.int64)
     add(r, g, 2, draw.astype(np.float64))
 

@@ -1,0 +1,321 @@
+"""``scatlas bench``: figures for the data path, memory, the forward pass and end-to-end predict.
+
+Prints a table and writes the same figures as JSON. Nothing here asserts a
+speed: targets are compared in the README's performance section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import build_model
+from pipeline.data import UnitBatches, neighbors_path
+from pipeline.neighbors import compute_neighbors, save_neighbors
+from pipeline.plan import Unit, plan_dataset
+
+REPO_DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+TILE_SOURCE = "tenx_mouse_brain_e18_10000x1000.h5ad"
+PLAN_SETTINGS = {"counts": "auto", "organism": None, "min_gene_coverage": 0.0}
+# dense bf16 peak FLOP/s of common accelerators, for MFU (vendor figures, without sparsity)
+GPU_PEAK_BF16 = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                 "L40S": 362e12, "A10": 125e12, "V100": 125e12}  # fmt: skip
+
+
+def shared_datasets() -> list[Path]:
+    """The datasets the repository ships (tests/data in a checkout, else the bundled demo)."""
+    found = sorted(REPO_DATA.glob("*.h5ad")) if REPO_DATA.is_dir() else []
+    return found or sorted(PACKAGE_DATA.glob("*.h5ad"))
+
+
+# ----------------------------------------------------------------------------- data path
+
+
+def data_path(path: Path, model, max_len: int, batch_size: int, work_dir: Path, dataset: int = 0) -> dict:
+    """Read + QC + gene mapping + neighbours + tokenization of every cell of one file, in this process."""
+    config = model.config
+    plan = plan_dataset(dataset, str(path), config.genes, PLAN_SETTINGS)
+    if plan.status == "failed":
+        return {"dataset": path.name, "error": plan.error}
+    uses_neighbors = config.expr_emb_style == "metacell"
+    t0 = time.perf_counter()
+    if uses_neighbors:
+        save_neighbors(neighbors_path(work_dir, dataset), *compute_neighbors(plan.matrix))
+    t1 = time.perf_counter()
+    batches = UnitBatches(
+        [Unit(0, dataset, 0, plan.n_cells)], {dataset: plan}, vocabulary_offsets=config.organism_offsets,
+        max_len=max_len, batch_size=batch_size, min_counts=1, min_genes=1, seed=0,
+        neighbors_dir=work_dir / "neighbors" if uses_neighbors else None,
+    )  # fmt: skip
+    for i in range(len(batches)):
+        item = batches[i]
+        if item["error"]:
+            raise RuntimeError(item["error"])
+    t2 = time.perf_counter()
+    return {
+        "dataset": path.name,
+        "cells": plan.n_cells,
+        "neighbors_s": round(t1 - t0, 3),
+        "tokenize_cells_per_s": round(plan.n_cells / (t2 - t1), 1),
+        "cells_per_s": round(plan.n_cells / (t2 - t0), 1),
+    }
+
+
+def tile_dataset(n_cells: int, path: Path) -> Path:
+    """A file of ``n_cells`` real mouse-brain cells (the 10,000 shipped ones, repeated), written once."""
+    import anndata
+    import scipy.sparse as sp
+
+    if path.exists():
+        return path
+    source = anndata.read_h5ad(REPO_DATA / TILE_SOURCE if REPO_DATA.is_dir() else PACKAGE_DATA / TILE_SOURCE)
+    X = sp.csr_matrix(source.X)
+    reps = -(-n_cells // X.shape[0])
+    tiled = sp.vstack([X] * reps, format="csr")[:n_cells]
+    adata = anndata.AnnData(X=tiled, var=source.var)
+    adata.obs_names = [f"cell{i}" for i in range(n_cells)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(path.with_suffix(".tmp.h5ad"))
+    path.with_suffix(".tmp.h5ad").rename(path)
+    return path
+
+
+def streaming_peak_rss(path: Path, model_name: str, max_len: int, batch_size: int, work_dir: Path) -> dict:
+    """Run :func:`data_path` on ``path`` in a fresh process and report its peak resident memory."""
+    code = (
+        "import json, resource, sys, warnings; warnings.simplefilter('ignore');"
+        "from pathlib import Path; from models import build_model; from pipeline.bench import data_path;"
+        f"r = data_path(Path({str(path)!r}), build_model({model_name!r}), {max_len}, {batch_size}, Path({str(work_dir)!r}));"
+        "r['peak_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print(json.dumps(r))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"streaming {path} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The device's peak FLOP/s: a vendor figure for known GPUs, else a measured large matmul."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_BF16.items():
+            if key in name:
+                return value, f"{name} bf16 dense (vendor)"
+    n = 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    a @ a
+    _sync(device)
+    t0, reps = time.perf_counter(), 5
+    for _ in range(reps):
+        a @ a
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0), f"measured {n}x{n} {str(dtype).replace('torch.', '')} matmul"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_rate(model, max_len: int, batch_size: int, precision: str, device: torch.device, seconds: float) -> dict:
+    """Cells/s, FLOP/s and MFU of the model's forward on random inputs of the real shape."""
+    config = model.config
+    model = model.to(device).eval()
+    n_vocab, k = len(config.vocabulary), 6
+    gen = torch.Generator().manual_seed(0)
+    genes = torch.stack([torch.randperm(n_vocab, generator=gen)[:max_len] for _ in range(batch_size)])
+    counts = torch.poisson(torch.full((batch_size, max_len), 2.0), generator=gen)
+    knn = torch.poisson(torch.full((batch_size, k, max_len), 2.0), generator=gen)
+    dists = torch.rand(batch_size, k, generator=gen)
+    inputs = [t.to(device) for t in (genes, counts, knn, dists)]
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    with torch.inference_mode(), autocast:
+        model.predict(*inputs)  # warm-up
+        _sync(device)
+        n, t0 = 0, time.perf_counter()
+        while n == 0 or time.perf_counter() - t0 < seconds:
+            model.predict(*inputs)
+            n += 1
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+    cells_per_s = n * batch_size / elapsed
+    flops = config.flops_per_cell(max_len, k)
+    peak, peak_source = peak_flops(device, dtype or torch.float32)
+    return {
+        "model": model.config_name if hasattr(model, "config_name") else None,
+        "max_len": max_len,
+        "batch_size": batch_size,
+        "precision": precision,
+        "device": str(device),
+        "cells_per_s": round(cells_per_s, 2),
+        "flops_per_cell": flops,
+        "flop_per_s": cells_per_s * flops,
+        "mfu": cells_per_s * flops / peak,
+        "peak_flop_per_s": peak,
+        "peak_source": peak_source,
+    }
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def end_to_end(path: Path, model_name: str, max_len: int, batch_size: int, workers: int, trainer: str,
+               work_dir: Path) -> dict:  # fmt: skip
+    """``scatlas predict`` in this process; cells/s over the predict loop (writing included) and overall."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.atlas import load_state
+    from pipeline.cli import CONFIG_DIR
+    from pipeline.predict import run_predict
+
+    out = work_dir / f"e2e_{model_name}_{max_len}"
+    overrides = [f"input={path}", f"out_dir={out}", f"model={model_name}", f"model.max_len={max_len}",
+                 f"data.batch_size={batch_size}", f"data.num_workers={workers}", f"trainer={trainer}"]  # fmt: skip
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="predict", overrides=overrides)
+    t0 = time.perf_counter()
+    code = run_predict(cfg)
+    total = time.perf_counter() - t0
+    state = load_state(out)
+    cells = sum(r["n_cells"] + r["n_dropped"] for r in state.done.values())
+    loop = sum(r["seconds"] for r in state.done.values())
+    return {"dataset": path.name, "exit_code": code, "cells": cells, "predict_loop_cells_per_s": round(cells / loop, 1),
+            "overall_cells_per_s": round(cells / total, 1)}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scatlas bench",
+        description="Measure the data path (cells/s per worker), peak memory while streaming a large tiled file, "
+        "the forward pass (cells/s, FLOP/s, MFU) and end-to-end predict. Prints a table and writes JSON.",
+    )
+    parser.add_argument("--model", default="tiny", help="preset for data path and end-to-end (default tiny)")
+    parser.add_argument("--forward-models", default="tiny,small,medium",
+                        help="presets whose forward is timed (random weights unless --checkpoint)")  # fmt: skip
+    parser.add_argument("--checkpoint", default=None, help="published checkpoint for --model")
+    parser.add_argument("--max-len", type=int, default=None, help="tokens per cell (default: each preset's)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--precision", choices=["32", "bf16", "16"], default=None,
+                        help="forward precision (default 32 on CPU, bf16 on GPU)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for end-to-end")
+    parser.add_argument("--large-cells", default="100000,1000000",
+                        help="sizes of the tiled mouse-brain files streamed for peak memory ('' to skip)")  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=10.0, help="time spent per forward measurement")
+    parser.add_argument("--work-dir", default=None, help="where tiled files and atlases go (default: a temp dir)")
+    parser.add_argument("--json", default="bench.json", help="where to write the figures")
+    parser.add_argument("--compare-upstream", action="store_true",
+                        help="also time upstream scprint2's forward on the same shape and weights")  # fmt: skip
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*random weights.*")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision or ("bf16" if device.type == "cuda" else "32")
+    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="scatlas-bench-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.model, args.checkpoint)
+    max_len = args.max_len or _preset_max_len(args.model)
+    report = {"machine": _machine(device), "torch_threads": torch.get_num_threads()}
+
+    print(f"[1/4] data path, one worker, {args.model} max_len {max_len}")
+    report["data_path"] = [data_path(p, model, max_len, args.batch_size, work_dir / "data", i)
+                           for i, p in enumerate(shared_datasets())]  # fmt: skip
+    print(f"[2/4] peak memory streaming tiled files of {args.large_cells or 'no'} cells")
+    report["streaming"] = []
+    for n in [int(x) for x in args.large_cells.split(",") if x]:
+        tiled = tile_dataset(n, work_dir / f"tiled_{n}.h5ad")
+        report["streaming"].append(streaming_peak_rss(tiled, args.model, max_len, args.batch_size,
+                                                      work_dir / f"stream_{n}"))  # fmt: skip
+    print(f"[3/4] forward on {device} ({precision})")
+    report["forward"] = []
+    for name in args.forward_models.split(","):
+        m = model if name == args.model else build_model(name)
+        length = args.max_len or _preset_max_len(name)
+        batch = args.batch_size if device.type == "cuda" or name == "tiny" else 2
+        row = forward_rate(m, length, batch, precision, device, args.seconds)
+        row["model"] = name
+        report["forward"].append(row)
+    print("[4/4] end-to-end predict")
+    demo = PACKAGE_DATA / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
+    trainer = "gpu" if device.type == "cuda" else "cpu"
+    report["end_to_end"] = end_to_end(demo, args.model, max_len, args.batch_size, args.workers, trainer, work_dir)
+    forward_same = next(r for r in report["forward"] if r["model"] == args.model)
+    report["end_to_end"]["pure_forward_cells_per_s"] = forward_same["cells_per_s"]
+    if args.compare_upstream:
+        from pipeline.bench_upstream import compare_upstream
+
+        report["upstream"] = compare_upstream(work_dir=work_dir / "upstream")
+    Path(args.json).write_text(json.dumps(report, indent=1, default=float))
+    print_report(report)
+    print(f"figures written to {args.json}")
+    return 0
+
+
+def _preset_max_len(name: str) -> int:
+    import yaml
+
+    from pipeline.cli import CONFIG_DIR
+
+    return int(yaml.safe_load((Path(CONFIG_DIR) / "model" / f"{name}.yaml").read_text())["max_len"])
+
+
+def _machine(device: torch.device) -> dict:
+    import os
+
+    info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "torch": torch.__version__}  # fmt: skip
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="data path (one worker: read + QC + genes + neighbours + tokens)")
+    for col in ("dataset", "cells", "neighbours s", "tokenize cells/s", "cells/s"):
+        table.add_column(col, justify="right")
+    for r in report["data_path"]:
+        if "error" in r:
+            table.add_row(r["dataset"], "failed", r["error"], "", "")
+        else:
+            table.add_row(r["dataset"], f"{r['cells']:,}", f"{r['neighbors_s']}", f"{r['tokenize_cells_per_s']:,.0f}",
+                          f"{r['cells_per_s']:,.0f}")  # fmt: skip
+    for r in report["streaming"]:
+        table.add_row(r["dataset"], f"{r['cells']:,}", f"{r['neighbors_s']}", f"{r['tokenize_cells_per_s']:,.0f}",
+                      f"{r['cells_per_s']:,.0f}  peak RSS {r['peak_rss_mib']:,.0f} MiB")  # fmt: skip
+    console.print(table)
+    table = Table(title="forward")
+    for col in ("model", "max_len", "batch", "precision", "cells/s", "GFLOP/cell", "TFLOP/s", "MFU", "peak"):
+        table.add_column(col, justify="right")
+    for r in report["forward"]:
+        table.add_row(r["model"], str(r["max_len"]), str(r["batch_size"]), r["precision"], f"{r['cells_per_s']:,.2f}",
+                      f"{r['flops_per_cell'] / 1e9:,.1f}", f"{r['flop_per_s'] / 1e12:.3f}", f"{r['mfu']:.1%}",
+                      r["peak_source"])  # fmt: skip
+    console.print(table)
+    e2e = report["end_to_end"]
+    console.print(f"end-to-end predict ({e2e['dataset']}, {e2e['cells']} cells): predict loop "
+                  f"{e2e['predict_loop_cells_per_s']:,.0f} cells/s incl. writing, overall {e2e['overall_cells_per_s']:,.0f} "
+                  f"cells/s incl. start-up and neighbours; pure forward {e2e['pure_forward_cells_per_s']:,.0f} cells/s")  # fmt: skip
+    if "upstream" in report:
+        console.print(f"upstream comparison: {json.dumps(report['upstream'], default=float)}")
+    console.print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
