@@ -9,7 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import CheckpointError, build_model, load_checkpoint, preset_config, random_model, save_checkpoint
+from models import (
+    CheckpointError,
+    ScPrint2Config,
+    build_model,
+    load_checkpoint,
+    preset_config,
+    random_model,
+    save_checkpoint,
+)
 from models.checkpoint import read_checkpoint
 from models.network import Block, SelfAttention
 
@@ -260,3 +268,33 @@ def test_build_model_warns_about_random_weights_and_is_deterministic():
         assert torch.equal(value, b.state_dict()[key])
     with pytest.raises(ValueError, match="unknown model preset"):
         build_model("huge")
+
+
+def test_scprint1_style_checkpoint_loads(tmp_path):
+    """No cell transformer, class tokens prepended to the genes, continuous expression encoder, flat gene list."""
+    base = preset_config("tiny")
+    config = ScPrint2Config(
+        genes=base.genes, organisms=base.organisms, classes=base.classes, label_decoders=base.label_decoders,
+        d_model=32, nhead=4, num_heads_kv=4, nlayers=2, cell_specific_blocks=False, expr_emb_style="continuous",
+        expr_encoder_layers=2, normalization="sum", finetune_gene_emb=False, layers_cls=[16],
+        compress_class_dim=None, has_pos_encoder=False,
+    )  # fmt: skip
+    model = random_model(config, seed=2)
+    assert "cell_transformer.norm.weight" not in model.state_dict()
+    assert tuple(model.state_dict()["class_encoder.embedding.weight"].shape) == (10, 32)
+    path = save_checkpoint(model, tmp_path / "v1.ckpt")
+    ckpt = torch.load(path, weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    hp["genes"] = [g for o in ["NCBITaxon:9606", "NCBITaxon:10090"] for g in hp["genes"][o]]  # one flat list
+    hp["label_counts"], hp["classes"] = dict(hp["classes"]), list(hp["classes"])
+    for key in ("normalization", "cell_specific_blocks", "expr_emb_style", "num_heads_kv"):
+        del hp[key]  # absent from scPRINT-1 hyper-parameters; their defaults apply
+    hp["expr_emb_style"] = "continuous"
+    torch.save(ckpt, tmp_path / "v1-legacy.ckpt")
+    loaded = load_checkpoint(tmp_path / "v1-legacy.ckpt")
+    assert loaded.config.normalization == "sum" and not loaded.config.cell_specific_blocks
+    genes, counts, _, _ = random_inputs(model)
+    expected = model.predict(genes, counts)
+    got = loaded.predict(genes, counts)
+    assert torch.allclose(expected["embs"], got["embs"], atol=1e-6)
+    assert expected["embs"].shape[1] == 32 * 10  # no compressor: one full-width block per token
