@@ -1,7 +1,12 @@
-"""Reading an atlas directory: its state, ``scatlas status`` and ``scatlas validate``."""
+"""Reading an atlas directory: its state, ``scatlas status`` and ``scatlas validate``, and :func:`open_atlas`."""
 
 from __future__ import annotations
 
+import functools
+import re
+import struct
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,3 +157,438 @@ def _check_part(part: int, unit: Unit, data: dict, record: dict, width: int, n_t
             f"part {part}: cells embedded + dropped ({len(rows)}) are not exactly rows {unit.start}-{unit.stop}"
         )
     return problems
+
+
+# ----------------------------------------------------------------------------- the Python API: open_atlas
+
+#: dtype of each per-part array file, as ``write_part`` writes it.
+PART_ARRAYS = {"embs": np.float32, "top3": np.int32, "scores": np.float32}
+ONTOLOGY_TERM = re.compile(r"^[A-Za-z]+:[A-Za-z0-9]+$")
+
+
+def open_atlas(out_dir: str | Path, run: int | None = None, progress: bool = True) -> Atlas:
+    """Open an atlas directory for reading; only its manifest is read.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The ``out_dir`` of a ``scatlas predict`` run. It may still be being
+        written: the atlas holds the parts that are done now.
+    run : int, optional
+        Run counter; default the latest run.
+    progress : bool
+        Show a progress bar (on stderr) on every pass over parts.
+
+    Returns
+    -------
+    Atlas
+    """
+    state = load_state(out_dir, run)
+    records = [state.done[p] for p in sorted(state.done)]
+    parts = pd.DataFrame({key: pd.Series([r[key] for r in records], dtype=object if key == "stem" else np.int64)
+                          for key in ("part", "dataset", "start", "stop", "rank", "stem", "n_cells", "n_dropped")})
+    parts["first"] = np.cumsum(parts["n_cells"].to_numpy()) - parts["n_cells"].to_numpy()
+    return Atlas(state.out_dir, state.run, state.description, state.datasets, parts, len(state.units), progress)
+
+
+@dataclass
+class Atlas:
+    """A read-only view of an atlas directory: its done parts, read lazily.
+
+    Build it with :func:`open_atlas`. Cells are numbered 0 .. ``n_cells - 1``
+    in part order, then row order within a part (the *atlas row*). Every
+    method taking ``rows`` accepts ``None`` (all cells), an array of atlas
+    rows (any order; the result follows it) or a boolean mask of length
+    ``n_cells``. Arrays are memory-mapped from the ``.npz`` files, so only the
+    rows asked for are read.
+
+    Class and block names are those of ``atlas.json`` (e.g.
+    ``cell_type_ontology_term_id``), or a short form: ``cell_type``, ``tissue``,
+    ``disease``, ``age``, ``assay``, ``ethnicity``, ``sex``, ``organism``,
+    ``cell_culture``.
+
+    Attributes
+    ----------
+    out_dir : Path
+    run : int
+    description : dict
+        ``atlas.json``.
+    datasets : pd.DataFrame
+        ``datasets.parquet``: ``dataset``, ``path``, ``status``, ...
+    parts : pd.DataFrame
+        One row per done part, in part order: ``part``, ``dataset``,
+        ``start``, ``stop`` (its source rows), ``stem``, ``n_cells``,
+        ``n_dropped``, ``first`` (atlas row of its first cell).
+    n_planned_parts : int
+        Units in the plan; more than ``len(parts)`` while a run is going on.
+    progress : bool
+        Show progress bars on passes over parts.
+    """
+
+    out_dir: Path
+    run: int
+    description: dict
+    datasets: pd.DataFrame
+    parts: pd.DataFrame
+    n_planned_parts: int
+    progress: bool = True
+
+    def __repr__(self) -> str:
+        return (f"Atlas({str(self.out_dir)!r}, run {self.run}: {len(self.parts)}/{self.n_planned_parts} parts done, "
+                f"{self.n_cells:,} cells, {self.embedding_width} embedding columns, {len(self.classes)} classes)")  # fmt: skip
+
+    @property
+    def n_cells(self) -> int:
+        """Cells embedded in the done parts."""
+        return int(self.parts["n_cells"].sum())
+
+    @property
+    def embedding_width(self) -> int:
+        return int(self.description["embedding_width"])
+
+    @property
+    def blocks(self) -> list[str]:
+        """Embedding block names, in column order (``other`` first)."""
+        return [b["name"] for b in self.description["embedding_blocks"]]
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names, in column order."""
+        return [c["name"] for c in self.description["classes"]]
+
+    def class_name(self, name: str) -> str:
+        """The ``atlas.json`` name of a class given by its name or short form (``cell_type``)."""
+        return _match_name(name, self.classes, "class", self.out_dir)
+
+    def class_info(self, name: str) -> dict:
+        """``atlas.json``'s entry for a class: ``name``, ``k``, ``start``, ``n_labels``."""
+        full = self.class_name(name)
+        return next(c for c in self.description["classes"] if c["name"] == full)
+
+    # ------------------------------------------------------------------ labels
+
+    def labels(self, name: str) -> pd.DataFrame:
+        """The label vocabulary of a class: ``id``, ``term`` (``atlas.json``) and ``name`` (human-readable)."""
+        full = self.class_name(name)
+        vocabulary = self.description["labels"][full]
+        ids = sorted(int(i) for i in vocabulary)
+        terms = [vocabulary[str(i)] for i in ids]
+        return pd.DataFrame({"id": ids, "term": terms, "name": [term_name(t) for t in terms]})
+
+    def decode(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Label ids of a class -> their terms (as in ``atlas.json``), same shape."""
+        return self._lookup(name, ids, "term")
+
+    def label_names(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Label ids of a class -> human-readable names (the term itself when no ontology name is known)."""
+        return self._lookup(name, ids, "name")
+
+    def _lookup(self, name: str, ids: np.ndarray, column: str) -> np.ndarray:
+        table = self.labels(name)
+        values = np.full(int(table["id"].max()) + 1 if len(table) else 0, "", dtype=object)
+        values[table["id"].to_numpy()] = table[column].to_numpy()
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(values)):
+            raise ValueError(f"{self.out_dir}: label ids outside the vocabulary of {self.class_name(name)}")
+        return values[ids]
+
+    # ------------------------------------------------------------------ arrays
+
+    def array(self, part: int, kind: str) -> np.ndarray:
+        """One part's ``embs``, ``top3`` or ``scores`` array, memory-mapped (read-only)."""
+        if kind not in PART_ARRAYS:
+            raise ValueError(f"kind must be one of {list(PART_ARRAYS)}, got {kind!r}")
+        row = self.parts.loc[self.parts["part"] == part]
+        if row.empty:
+            raise ValueError(f"{self.out_dir}: part {part} is not done")
+        path = self.out_dir / f"{row['stem'].iloc[0]}_{kind}.npz"
+        return memmap_npz(path, kind)
+
+    def part_cells(self, part: int) -> pd.DataFrame:
+        """One part's ``_cells.parquet``."""
+        stem = self.parts.loc[self.parts["part"] == part, "stem"]
+        if stem.empty:
+            raise ValueError(f"{self.out_dir}: part {part} is not done")
+        return pd.read_parquet(self.out_dir / f"{stem.iloc[0]}_cells.parquet")
+
+    def iter_parts(self, kinds=("embs", "top3", "scores"), cells: bool = True, description: str = "reading parts"):
+        """One pass over the done parts, with a progress bar.
+
+        Yields
+        ------
+        (pd.Series, dict)
+            The part's row of :attr:`parts`, and its arrays by kind
+            (memory-mapped) plus ``cells`` (its ``_cells.parquet``) when
+            ``cells`` is true.
+        """
+        for record in self._track(self.parts.itertuples(index=False), len(self.parts), description):
+            data = {kind: self.array(record.part, kind) for kind in kinds}
+            if cells:
+                data["cells"] = self.part_cells(record.part)
+            yield record, data
+
+    def cells(self, rows=None) -> pd.DataFrame:
+        """The cells' ``dataset``, ``row``, ``obs_name``, ... plus ``part``, indexed by atlas row."""
+        return self._read(rows, {"cells": None}, "reading cells")["cells"]
+
+    def embedding(self, block: str | None = None, rows=None) -> np.ndarray:
+        """Embedding columns of the cells: a named block (``cell_type``, ``other``, ...) or all (``None``)."""
+        columns = slice(None) if block is None else self._block_columns(block)
+        return self._read(rows, {"embs": columns}, "reading embeddings")["embs"]
+
+    def top(self, name: str, k: int | None = None, rows=None) -> np.ndarray:
+        """Ids of the top ``k`` labels of a class (default: all the atlas holds), ``[n, k]`` int32."""
+        return self._read(rows, {"top3": self._top_columns(name, k)}, "reading top labels")["top3"]
+
+    def scores(self, name: str, k: int | None = None, rows=None) -> np.ndarray:
+        """Scores of the top ``k`` labels of a class, ``[n, k]`` float32, matching :meth:`top`."""
+        return self._read(rows, {"scores": self._top_columns(name, k)}, "reading scores")["scores"]
+
+    def predictions(self, rows=None, k: int | None = None) -> pd.DataFrame:
+        """Decoded predictions, indexed by atlas row.
+
+        For each class (short name, e.g. ``cell_type``) and rank ``r`` up to
+        ``k`` (default: all the atlas holds): ``cell_type_top{r}`` (the term),
+        ``cell_type_top{r}_name`` and ``cell_type_top{r}_score``.
+        """
+        data = self._read(rows, {"top3": slice(None), "scores": slice(None)}, "reading predictions")
+        return self._prediction_table(data["top3"], data["scores"], k, data["index"])
+
+    def sample(self, n: int, seed: int = 0) -> np.ndarray:
+        """``n`` atlas rows drawn without replacement (all rows if ``n >= n_cells``), sorted."""
+        if n >= self.n_cells:
+            return np.arange(self.n_cells)
+        return np.sort(np.random.default_rng(seed).choice(self.n_cells, size=n, replace=False))
+
+    # ------------------------------------------------------------------ source data
+
+    def dataset_path(self, dataset: int) -> Path:
+        """The source file of a dataset id, as ``datasets.parquet`` records it.
+
+        A relative path is taken from the current directory, else from the
+        atlas directory's parent (where ``scatlas predict`` usually ran).
+        """
+        match = self.datasets.loc[self.datasets["dataset"] == dataset, "path"]
+        if match.empty:
+            raise ValueError(f"{self.out_dir}/datasets.parquet: no dataset {dataset}")
+        path = Path(match.iloc[0])
+        for candidate in (path, self.out_dir.parent / path):
+            if candidate.exists():
+                return candidate
+        raise FileNotFoundError(f"{path}: source of dataset {dataset} not found (relative paths are tried from the "
+                                f"current directory and from {self.out_dir.parent})")  # fmt: skip
+
+    def source_obs(self, columns: list[str] | str, rows=None) -> pd.DataFrame:
+        """Columns of the source datasets' ``obs`` for the cells, indexed by atlas row.
+
+        A dataset lacking a column gives missing values there. Each source
+        file's ``obs_names`` are checked against the atlas, so a file changed
+        since it was embedded is refused.
+        """
+        from pipeline.readers import open_counts
+
+        columns = [columns] if isinstance(columns, str) else list(columns)
+        cells = self.cells(rows)
+        result = pd.DataFrame(index=cells.index, columns=columns, dtype=object)
+        for dataset, group in cells.groupby("dataset", sort=True):
+            path = self.dataset_path(int(dataset))
+            location = self.datasets.loc[self.datasets["dataset"] == dataset, "counts_location"]
+            with open_counts(path, counts=location.iloc[0] if len(location) else "auto") as matrix:
+                rows_in_source = group["row"].to_numpy()
+                if not np.array_equal(matrix.obs_names[rows_in_source].astype(str), group["obs_name"].to_numpy(str)):
+                    raise ValueError(f"{path}: obs names differ from the atlas; the file changed since it was embedded")
+                for column in columns:
+                    if column in matrix.obs:
+                        result.loc[group.index, column] = matrix.obs[column].to_numpy(dtype=object)[rows_in_source]
+        return result
+
+    def to_anndata(self, rows=None):
+        """An AnnData of the cells: ``obsm['X_scprint2']`` (the embedding), predictions in ``obs``.
+
+        ``obs_names`` are the source cells' names; ``obs`` also holds
+        ``dataset``, ``row``, ``organism``, ``n_counts``, ``n_genes``, ``part``
+        and the columns of :meth:`predictions`. ``uns['scprint2']`` names the
+        atlas and the embedding blocks (columns of ``X_scprint2``). There is
+        no ``X``: join the counts from the source file (``dataset``, ``row``).
+        """
+        import anndata
+
+        data = self._read(rows, {"cells": None, "embs": slice(None), "top3": slice(None), "scores": slice(None)},
+                          "reading cells")  # fmt: skip
+        obs = pd.concat([data["cells"], self._prediction_table(data["top3"], data["scores"], None, data["index"])], axis=1)
+        obs.index = pd.Index(obs.pop("obs_name").astype(str).to_numpy(), name=None)
+        blocks = pd.DataFrame(self.description["embedding_blocks"])
+        uns = {"scprint2": {"atlas": str(self.out_dir.resolve()), "run": self.run, "embedding_blocks": blocks}}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*names are not unique.*")
+            return anndata.AnnData(obs=obs, obsm={"X_scprint2": data["embs"]}, uns=uns)
+
+    # ------------------------------------------------------------------ internals
+
+    def _block_columns(self, name: str) -> slice:
+        full = _match_name(name, self.blocks, "embedding block", self.out_dir)
+        block = next(b for b in self.description["embedding_blocks"] if b["name"] == full)
+        return slice(block["start"], block["start"] + block["width"])
+
+    def _top_columns(self, name: str, k: int | None) -> slice:
+        info = self.class_info(name)
+        k = info["k"] if k is None else int(k)
+        if not 1 <= k <= info["k"]:
+            raise ValueError(f"{self.out_dir}: {info['name']} holds the top {info['k']} labels, asked for k={k}")
+        return slice(info["start"], info["start"] + k)
+
+    def _prediction_table(self, top: np.ndarray, scores: np.ndarray, k: int | None, index: pd.Index) -> pd.DataFrame:
+        columns = {}
+        for info in self.description["classes"]:
+            short = short_name(info["name"])
+            terms = self.labels(info["name"])["term"].unique()
+            for rank in range(min(info["k"], info["k"] if k is None else k)):
+                ids = top[:, info["start"] + rank]
+                columns[f"{short}_top{rank + 1}"] = pd.Categorical(self.decode(info["name"], ids), categories=terms)
+                columns[f"{short}_top{rank + 1}_name"] = pd.Categorical(self.label_names(info["name"], ids))
+                columns[f"{short}_top{rank + 1}_score"] = scores[:, info["start"] + rank]
+        return pd.DataFrame(columns, index=index)
+
+    def _row_index(self, rows) -> np.ndarray:
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            if rows.shape != (self.n_cells,):
+                raise ValueError(f"a boolean row mask must have length n_cells = {self.n_cells}, got {rows.shape}")
+            return np.flatnonzero(rows)
+        rows = rows.astype(np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_cells):
+            raise ValueError(f"{self.out_dir}: atlas rows must lie in [0, {self.n_cells})")
+        return rows
+
+    def _read(self, rows, wanted: dict, description: str) -> dict:
+        """One pass over the parts holding ``rows``: ``wanted`` maps ``cells`` / an array kind to its columns.
+
+        Returns the stacked values by name, in ``rows`` order, and ``index`` (their atlas rows).
+        """
+        firsts = self.parts["first"].to_numpy()
+        if rows is None:
+            index = np.arange(self.n_cells)
+            groups = [(i, slice(None)) for i in range(len(self.parts))]
+            order = None
+        else:
+            index = self._row_index(rows)
+            part_of = np.searchsorted(firsts, index, side="right") - 1
+            order = np.argsort(part_of, kind="stable")
+            present, starts = np.unique(part_of[order], return_index=True)
+            bounds = np.append(starts, len(order))
+            groups = [(int(i), index[order[a:b]] - firsts[i]) for i, a, b in zip(present, bounds[:-1], bounds[1:])]
+        pieces = {name: [] for name in wanted}
+        for i, local in self._track(groups, len(groups), description):
+            record = self.parts.iloc[i]
+            for name, columns in wanted.items():
+                if name == "cells":
+                    table = self.part_cells(record["part"]).iloc[local].reset_index(drop=True)
+                    table["part"] = record["part"]
+                    pieces[name].append(table)
+                else:
+                    pieces[name].append(np.asarray(self.array(record["part"], name)[local, columns]))
+        result = {}
+        for name, columns in wanted.items():
+            if name == "cells":
+                empty = pd.DataFrame(columns=["dataset", "row", "obs_name", "organism", "n_counts", "n_genes", "part"])
+                value = pd.concat(pieces[name], ignore_index=True) if pieces[name] else empty
+            else:
+                width = len(range(*columns.indices(self._width(name))))
+                value = np.concatenate(pieces[name]) if pieces[name] else np.zeros((0, width), PART_ARRAYS[name])
+            if order is not None:
+                inverse = np.empty_like(order)
+                inverse[order] = np.arange(len(order))
+                value = value.iloc[inverse] if name == "cells" else value[inverse]
+            result[name] = value
+        result["index"] = pd.Index(index, name="atlas_row")
+        if "cells" in result:
+            result["cells"].index = result["index"]
+        return result
+
+    def _width(self, kind: str) -> int:
+        return self.embedding_width if kind == "embs" else int(self.description["top_columns"])
+
+    def _track(self, items, total: int, description: str):
+        """``items``, with a progress bar on stderr when it is a terminal (or a notebook)."""
+        from rich.console import Console
+        from rich.progress import track
+
+        console = Console(stderr=True)
+        if not self.progress or not (console.is_terminal or console.is_jupyter):
+            return items
+        return track(items, description=description, total=total, transient=True, console=console)
+
+
+def short_name(name: str) -> str:
+    """``cell_type_ontology_term_id`` -> ``cell_type``, ``self_reported_ethnicity...`` -> ``ethnicity``, ``age_group`` -> ``age``."""
+    return name.removesuffix("_ontology_term_id").removeprefix("self_reported_").removesuffix("_group")
+
+
+def _match_name(name: str, names: list[str], what: str, where) -> str:
+    """``name`` itself, else the one of ``names`` it is the short form, the prefix or a ``_``-separated part of."""
+    if name in names:
+        return name
+    rules = (lambda n: short_name(n) == name, lambda n: n.startswith(f"{name}_"), lambda n: f"_{name}_" in f"_{n}_")
+    for rule in rules:
+        found = [n for n in names if rule(n)]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise ValueError(f"{where}: {what} {name!r} is ambiguous: it could be {found}")
+    raise ValueError(f"{where}: no {what} {name!r}; the atlas has {names}")
+
+
+@functools.lru_cache(maxsize=None)
+def term_name(term: str) -> str:
+    """The ontology label of a term id (``CL:0000084`` -> ``T cell``), via ``cellxgene-ontology-guide``.
+
+    Returns the term itself when the package (the ``ontology`` extra) is not
+    installed, the term is not an ontology id, or the ontologies do not know it.
+    """
+    parser = _ontology_parser()
+    if parser is None or not ONTOLOGY_TERM.match(term):
+        return term
+    try:
+        return parser.get_term_label(term) or term
+    except Exception:  # noqa: BLE001 - unknown ontologies and terms raise various errors; the id is the fallback
+        return term
+
+
+@functools.lru_cache(maxsize=1)
+def _ontology_parser():
+    try:
+        from cellxgene_ontology_guide.ontology_parser import OntologyParser
+    except ImportError:
+        return None
+    return OntologyParser()
+
+
+def memmap_npz(path: str | Path, name: str) -> np.ndarray:
+    """Memory-map array ``name`` of an uncompressed ``.npz`` file (as ``np.savez`` writes it).
+
+    The array's bytes are found from the zip member's local header and the
+    ``.npy`` header; a compressed member is read whole instead.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            with np.load(path) as npz:
+                return npz[name]
+        with open(path, "rb") as fh:
+            fh.seek(info.header_offset)
+            header = fh.read(30)
+            if header[:4] != b"PK\x03\x04":
+                raise ValueError("bad zip member header")
+            name_length, extra_length = struct.unpack("<HH", header[26:30])
+            fh.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(fh)
+            offset = fh.tell()
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: cannot read array {name!r} ({err})") from err
+    if 0 in shape:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
