@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline import manifest
 from pipeline.atlas import load_state, read_part, validate
 
 DATA = Path(__file__).parent / "data"
@@ -173,3 +174,26 @@ def test_bad_dataset_is_recorded_and_the_others_are_embedded(tmp_path):
     assert validate(out) == []
     status = scatlas("status", out).stdout
     assert "1/3 done, 2 failed" in status and "lognorm.h5ad" in status
+
+
+def test_validate_catches_duplicated_and_missing_cells_even_with_matching_checksums(atlas_all, tmp_path):
+    out, _ = atlas_all
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    state = load_state(copy)
+    record = min(state.done.values(), key=lambda r: r["part"])
+    cells_path = copy / f"{record['stem']}_cells.parquet"
+    cells = pd.read_parquet(cells_path)
+    cells.loc[1, "row"] = cells.loc[0, "row"]  # one cell twice, another missing
+    cells.to_parquet(cells_path, index=False)
+    record["files"][cells_path.name] = manifest.file_digest(cells_path)  # a consistent-looking marker
+    manifest.mark_done(copy, state.run, record)
+    problems = validate(copy)
+    assert any(f"part {record['part']}: cells embedded + dropped" in p for p in problems), problems
+    embs_path = copy / f"{record['stem']}_embs.npz"
+    with np.load(embs_path) as npz:
+        np.savez(embs_path.with_suffix(".tmp.npz"), embs=npz["embs"][:-1])
+    embs_path.with_suffix(".tmp.npz").replace(embs_path)
+    record["files"][embs_path.name] = manifest.file_digest(embs_path)
+    manifest.mark_done(copy, state.run, record)
+    assert any(f"part {record['part']}: row counts disagree" in p for p in validate(copy))
