@@ -117,6 +117,8 @@ class PartWriter(BasePredictionWriter):
         record = write_part(self.out_dir, self.run, unit, rank, state, pl_module.model.config)
         self.n_cells += record["n_cells"]
         manifest.mark_done(self.out_dir, self.run, record)
+        log.info("rank %d: part %d done, %d cells embedded + %d dropped in %.1f s (%.0f cells/s)", rank, unit.part,
+                 record["n_cells"], record["n_dropped"], record["seconds"], unit.n_cells / max(record["seconds"], 1e-9))
 
 
 def write_part(out_dir: Path, run: int, unit: Unit, rank: int, state: dict, config) -> dict:
@@ -182,7 +184,8 @@ class CellsPerSecondBar(TQDMProgressBar):
 
 def plan_run(cfg: DictConfig, vocabulary: dict[str, list[str]]) -> tuple[list[DatasetPlan], list[Unit]]:
     """Plan every dataset and the units; reuse the stored unit plan of ``out_dir`` if there is one."""
-    paths = resolve_inputs(cfg.input if cfg.input else str(DEMO_DATASET))
+    inputs = resolve_inputs(cfg.input if cfg.input else str(DEMO_DATASET))  # (path, a catalog row's settings)
+    paths = [path for path, _ in inputs]
     stored_units, stored_paths = manifest.read_units(cfg.out_dir)
     for dataset, path in stored_paths.items():
         if dataset >= len(paths) or os.path.abspath(paths[dataset]) != os.path.abspath(path):
@@ -192,7 +195,8 @@ def plan_run(cfg: DictConfig, vocabulary: dict[str, list[str]]) -> tuple[list[Da
                 "only be appended) or use another out_dir"
             )
     settings = OmegaConf.to_container(cfg.data, resolve=True)
-    datasets = [plan_dataset(i, path, vocabulary, settings) for i, path in enumerate(paths)]
+    datasets = [plan_dataset(i, path, vocabulary, {**settings, **overrides})
+                for i, (path, overrides) in enumerate(inputs)]  # fmt: skip
     for ds in datasets:
         if ds.status == "failed":
             log.error("%s", ds.error)
