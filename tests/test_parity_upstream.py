@@ -46,8 +46,8 @@ def _tail(text: str, n: int = 40) -> str:
 
 
 @pytest.fixture(scope="session")
-def upstream(tmp_path_factory):
-    """(checkpoint path, reference arrays) produced by upstream scprint2."""
+def upstream_python() -> Path:
+    """The python of the upstream virtual environment, installed on first use (tests/upstream/install.sh)."""
     install = subprocess.run(
         ["bash", str(UPSTREAM / "install.sh"), str(VENV)], capture_output=True, text=True, timeout=1800
     )
@@ -55,9 +55,15 @@ def upstream(tmp_path_factory):
         if not _pypi_reachable():
             pytest.skip("PyPI is unreachable: cannot install upstream scprint2 for the parity reference")
         pytest.fail(f"tests/upstream/install.sh failed:\n{_tail(install.stdout + install.stderr)}")
+    return VENV / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def upstream(upstream_python, tmp_path_factory):
+    """(checkpoint path, reference arrays) produced by upstream scprint2."""
     out = tmp_path_factory.mktemp("upstream")
     make = subprocess.run(
-        [str(VENV / "bin" / "python"), str(UPSTREAM / "make_reference.py"), str(out)],
+        [str(upstream_python), str(UPSTREAM / "make_reference.py"), str(out)],
         capture_output=True,
         text=True,
         timeout=600,

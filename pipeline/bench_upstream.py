@@ -1,0 +1,206 @@
+"""``scatlas bench --compare-upstream``: our forward and upstream scPRINT-2's, side by side.
+
+Both run in the same run, at the same shape, with the same weights (a checkpoint
+written by upstream ``scprint2`` and loaded by :func:`models.load_checkpoint`), on
+the same inputs (real cells tokenized by the pipeline) and with the same number
+of CPU threads. Upstream runs in its own virtual environment
+(``tests/upstream/install.sh``) through ``pipeline/upstream_forward.py``; its
+outputs with attention dropout 0 must equal ours, so both do the same work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import load_checkpoint
+from models.presets import demo_vocabulary
+from pipeline.data import UnitBatches, neighbors_path
+from pipeline.neighbors import compute_neighbors, save_neighbors
+from pipeline.plan import Unit, plan_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+UPSTREAM_VENV = REPO / ".cache" / "upstream-venv"
+INSTALL_SCRIPT = REPO / "tests" / "upstream" / "install.sh"
+UPSTREAM_SCRIPT = Path(__file__).with_name("upstream_forward.py")
+GENES_TABLE = Path(str(resources.files("models").joinpath("data/tiny_genes.tsv.gz")))  # what demo_vocabulary reads
+HUMAN = "NCBITaxon:9606"
+# Human cells to tokenize, first found wins: a near-full transcriptome (tests/data), else the bundled demo.
+INPUT_DATASETS = (
+    REPO / "tests" / "data" / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad",
+    Path(__file__).resolve().parent / "data" / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad",
+)
+ATOL = 1e-4  # fp32: both sides do the same math in a different order
+
+
+def find_upstream_python(python: str | Path | None = None) -> Path:
+    """The python of the upstream virtual environment; installs it with ``tests/upstream/install.sh`` if absent.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``python`` (or the default venv) does not exist and there is no install script to make it.
+    """
+    if python is not None:
+        if not Path(python).is_file():
+            raise FileNotFoundError(f"{python}: no such upstream python")
+        return Path(python)
+    python = UPSTREAM_VENV / "bin" / "python"
+    if not python.is_file():
+        if not INSTALL_SCRIPT.is_file():
+            raise FileNotFoundError(
+                f"{python}: upstream scPRINT-2 is not installed; run tests/upstream/install.sh from a "
+                "checkout of this repository (or pass the python of an environment with scprint2 1.0.3)"
+            )
+        print(f"installing upstream scprint2 into {UPSTREAM_VENV} (tests/upstream/install.sh, about a minute)")
+        subprocess.run(["bash", str(INSTALL_SCRIPT), str(UPSTREAM_VENV)], check=True)
+    return python
+
+
+def real_inputs(genes: list[str], max_len: int, batch_size: int, work_dir: Path) -> tuple[dict, str]:
+    """The first ``batch_size`` cells of a shipped human dataset, as the pipeline feeds them to the model.
+
+    Returns the arrays ``upstream_forward.py`` reads (genes, counts, knn_counts,
+    knn_dists, depth) and the dataset's file name.
+    """
+    path = next(p for p in INPUT_DATASETS if p.is_file())
+    plan = plan_dataset(0, str(path), {HUMAN: genes}, {"counts": "auto", "organism": None, "min_gene_coverage": 0.0})
+    if plan.status == "failed":
+        raise RuntimeError(plan.error)
+    save_neighbors(neighbors_path(work_dir, 0), *compute_neighbors(plan.matrix))
+    batches = UnitBatches(
+        [Unit(0, 0, 0, plan.n_cells)], {0: plan}, vocabulary_offsets={HUMAN: 0}, max_len=max_len,
+        batch_size=batch_size, min_counts=1, min_genes=1, seed=0, neighbors_dir=work_dir / "neighbors",
+    )  # fmt: skip
+    batch = batches[0]
+    if batch["error"]:
+        raise RuntimeError(batch["error"])
+    inputs = {k: batch[k].numpy() for k in ("genes", "counts", "knn_counts", "knn_dists")}
+    inputs["depth"] = batch["cells"]["n_counts"].astype(np.float32)
+    return inputs, path.name
+
+
+def time_forward(model, inputs: dict, warmup: int, repeats: int) -> tuple[list[float], dict]:
+    """Seconds of each of ``repeats`` forwards after ``warmup`` untimed ones, and the last outputs."""
+    args = [torch.from_numpy(inputs[k]) for k in ("genes", "counts", "knn_counts", "knn_dists")]
+    seconds = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(*args)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = model(*args)
+            seconds.append(time.perf_counter() - start)
+    return seconds, out
+
+
+def compare_upstream(
+    max_len: int = 3200,
+    batch_size: int = 2,
+    repeats: int = 2,
+    threads: int = 2,
+    upstream_python: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    shape: dict | None = None,
+) -> dict:
+    """Time our forward and upstream's on the same checkpoint, inputs and threads; check equal outputs.
+
+    Parameters
+    ----------
+    max_len, batch_size
+        Gene tokens per cell and cells per forward.
+    repeats
+        Timed forwards per side, after one untimed warm-up.
+    threads
+        ``torch.set_num_threads`` on both sides.
+    upstream_python
+        Python of an environment with upstream scprint2 1.0.3; default
+        ``<repo>/.cache/upstream-venv/bin/python``, installed if missing.
+    work_dir
+        Where the checkpoint, inputs and upstream outputs go (a temporary folder if None).
+    shape
+        Overrides of the base_v3 sizes (``d_model``, ``nlayers``, ... see
+        ``upstream_forward.SMALL_SHAPE``); default the published small model.
+
+    Returns
+    -------
+    dict with ``shape``, ``threads``, ``cells_per_s_ours``, ``cells_per_s_upstream``
+    (attention dropout 0: equal outputs), ``cells_per_s_upstream_shipped`` (its
+    shipped attention dropout: stochastic outputs, ``upstream_shipped_max_abs_diff``
+    away from the deterministic ones), ``ratio`` and ``ratio_shipped``
+    (ours / upstream), ``max_abs_diff`` (embeddings and logits), ``flops_per_cell``
+    and the seconds of every timed forward.
+
+    Raises
+    ------
+    RuntimeError
+        Upstream failed, or the outputs differ by more than 1e-4.
+    """
+    python = find_upstream_python(upstream_python)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(work_dir) if work_dir is not None else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        genes = demo_vocabulary()[HUMAN]
+        inputs, dataset = real_inputs(genes, max_len, batch_size, work)
+        np.savez(work / "inputs.npz", **inputs)
+        command = [
+            str(python), str(UPSTREAM_SCRIPT), str(work), "--genes", str(GENES_TABLE), "--organism", HUMAN,
+            "--inputs", str(work / "inputs.npz"), "--shape", json.dumps(shape or {}), "--threads", str(threads),
+            "--warmup", "1", "--repeats", str(repeats),
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+            raise RuntimeError(f"{UPSTREAM_SCRIPT.name} failed (exit {proc.returncode}):\n{tail}")
+        upstream = json.loads((work / "upstream_timing.json").read_text())
+        with np.load(work / "upstream_outputs.npz") as saved:
+            reference = dict(saved)
+        model = load_checkpoint(work / "upstream.ckpt")
+        if model.config.vocabulary != genes:
+            raise RuntimeError(f"{work / 'upstream.ckpt'}: its vocabulary is not the human genes of {GENES_TABLE}")
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            seconds, out = time_forward(model, inputs, warmup=1, repeats=repeats)
+        finally:
+            torch.set_num_threads(previous)
+
+    diffs = [np.abs(out["embs"].numpy() - reference["embs"]).max()]
+    diffs += [np.abs(out["logits"][c].numpy() - reference[f"logits_{c}"]).max() for c in model.config.classes]
+    max_abs_diff = float(max(diffs))
+    if not max_abs_diff <= ATOL:
+        raise RuntimeError(f"our outputs differ from upstream's (attention dropout 0) by {max_abs_diff:.3g} > {ATOL}")
+
+    def rate(times: list[float]) -> float:
+        return batch_size * len(times) / sum(times)
+
+    ours, theirs, shipped = rate(seconds), rate(upstream["seconds_dropout0"]), rate(upstream["seconds_shipped"])
+    return {
+        "shape": {**upstream["shape"], "max_len": max_len, "batch_size": batch_size,
+                  "neighbors": upstream["neighbors"], "n_genes": upstream["n_genes"]},  # fmt: skip
+        "threads": threads,
+        "inputs": dataset,
+        "upstream": f"scprint2 {upstream['scprint2']}, torch {upstream['torch']}",
+        "cells_per_s_ours": ours,
+        "cells_per_s_upstream": theirs,
+        "cells_per_s_upstream_shipped": shipped,
+        "upstream_shipped_dropout": upstream["shipped_dropout"],
+        "upstream_shipped_max_abs_diff": upstream["shipped_vs_dropout0_max_abs_diff"],
+        "ratio": ours / theirs,
+        "ratio_shipped": ours / shipped,
+        "max_abs_diff": max_abs_diff,
+        "flops_per_cell": model.config.flops_per_cell(max_len, upstream["neighbors"]),
+        "seconds_ours": seconds,
+        "seconds_upstream": upstream["seconds_dropout0"],
+        "seconds_upstream_shipped": upstream["seconds_shipped"],
+    }
