@@ -92,6 +92,7 @@ class UnitBatches(Dataset):
             "organism": organisms[keep],
             "n_counts": n_counts[keep],
             "n_genes": n_genes[keep],
+            **{name: values[start:stop][keep] for name, values in ds.cell_metadata.items()},  # data.metadata columns
         }
         dropped = {
             "dataset": np.full((~keep).sum(), dataset, dtype=np.int64),

@@ -11,17 +11,29 @@ import glob
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
+from pipeline.formats import SPARSE_VALUES_SUFFIXES, directory_format
 from pipeline.genes import organism_id, to_ensembl, vocabulary_matrix
 from pipeline.readers import CountMatrix, DatasetError, open_counts
 
 log = logging.getLogger(__name__)
 
-READABLE_SUFFIXES = (".h5ad",)
+#: Files of an input directory that are datasets (besides zarr / 10x mtx sub-directories and sparse pairs).
+READABLE_SUFFIXES = (".h5ad", ".h5", ".hdf5")
+#: An input file with one of these suffixes is a catalog: a table with a ``path`` column, one dataset a row.
+CATALOG_SUFFIXES = (".csv", ".tsv")
+#: Optional catalog columns: per-dataset data settings, and the id recorded in ``datasets.parquet``.
+CATALOG_SETTINGS = ("organism", "counts", "metadata")
+#: Columns of a metadata table that may hold the cell ids, in order of preference (else its first column).
+METADATA_ID_COLUMNS = ("cell_id", "obs_name", "obs_names", "barcode", "barcodes", "cell")
+#: Columns ``_cells.parquet`` always has; metadata columns of the same name get a ``meta_`` prefix.
+CELL_COLUMNS = ("dataset", "row", "obs_name", "organism", "n_counts", "n_genes")
 
 
 @dataclass
@@ -30,6 +42,8 @@ class DatasetPlan:
 
     dataset: int
     path: str
+    dataset_id: str = ""  # the catalog's dataset_id, if any
+    metadata: str = ""  # the metadata table joined to the cells, if any
     status: str = "pending"  # "pending" or "failed" at planning time
     error: str = ""
     n_cells: int = 0
@@ -44,11 +58,13 @@ class DatasetPlan:
     gene_map: sp.csr_matrix | None = field(default=None, repr=False)
     cell_organisms: np.ndarray | None = field(default=None, repr=False)
     matrix: CountMatrix | None = field(default=None, repr=False)
+    cell_metadata: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # column -> value per row
 
     def record(self) -> dict:
         """The row of ``datasets.parquet``."""
         return {
-            "dataset": self.dataset, "path": self.path, "n_cells": self.n_cells, "status": self.status,
+            "dataset": self.dataset, "path": self.path, "dataset_id": self.dataset_id, "metadata": self.metadata,
+            "n_cells": self.n_cells, "status": self.status,
             "error": self.error, "counts_location": self.counts_location, "organism": self.gene_organism,
             "gene_source": self.gene_source, "n_genes": self.n_genes, "n_vocab_genes": self.n_vocab_genes,
             "vocab_coverage": self.vocab_coverage, "warnings": "; ".join(self.warnings),
@@ -69,28 +85,85 @@ class Unit:
         return self.stop - self.start
 
 
-def resolve_inputs(spec) -> list[str]:
-    """A file, a glob, a directory (its readable files, sorted) or a list of these -> paths.
+def resolve_inputs(spec) -> list[tuple[str, dict]]:
+    """Inputs -> one ``(path, settings)`` per dataset, in order (a dataset's id is its position).
 
-    Paths that do not exist are kept: they become failed datasets with a clear
-    error, so one typo does not stop a long catalog.
+    ``spec`` is a dataset, a glob, a directory, a catalog, or a list of these:
+
+    - a dataset: a file, or a directory that is one (zarr store, 10x mtx);
+    - a directory: its datasets, sorted by name: ``.h5ad``/``.h5``/``.hdf5``
+      files, ``*_values.sparse(.npz)`` pairs, zarr and 10x mtx sub-directories;
+    - a catalog: a ``.csv``/``.tsv`` table with a ``path`` column, one dataset
+      a row; relative paths are relative to the catalog's folder. Optional
+      columns ``organism``, ``counts``, ``metadata`` override the run's data
+      settings for that row; ``dataset_id`` is recorded in ``datasets.parquet``.
+
+    ``settings`` holds the row's overrides (empty outside catalogs). Paths that
+    do not exist are kept: they become failed datasets with a clear error, so
+    one typo does not stop a long catalog.
+
+    Raises
+    ------
+    ValueError
+        A directory without datasets, a pattern matching nothing, a catalog
+        that is missing or has no ``path`` column.
     """
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    paths: list[str] = []
+    inputs: list[tuple[str, dict]] = []
     for item in map(str, items):
-        if os.path.isdir(item):
-            found = sorted(str(p) for p in Path(item).iterdir() if p.suffix in READABLE_SUFFIXES)
+        if os.path.isdir(item) and directory_format(item) is None:
+            found = _directory_datasets(item)
             if not found:
-                raise ValueError(f"input directory {item} holds no {'/'.join(READABLE_SUFFIXES)} file")
-            paths += found
+                raise ValueError(f"input directory {item} holds no dataset ({'/'.join(READABLE_SUFFIXES)} file, "
+                                 "_values.sparse pair, zarr or 10x mtx directory)")  # fmt: skip
+            inputs += [(path, {}) for path in found]
+        elif item.lower().endswith(CATALOG_SUFFIXES):
+            inputs += read_catalog(item)
         elif glob.has_magic(item) and not os.path.exists(item):
             found = sorted(glob.glob(item))
             if not found:
                 raise ValueError(f"input pattern {item} matches no file")
-            paths += found
+            inputs += [(path, {}) for path in found]
         else:
-            paths.append(item)
-    return paths
+            inputs.append((item, {}))
+    return inputs
+
+
+def _directory_datasets(folder: str) -> list[str]:
+    found = []
+    for entry in sorted(Path(folder).iterdir()):
+        if entry.is_dir():
+            is_dataset = directory_format(str(entry)) is not None
+        else:
+            is_dataset = entry.suffix in READABLE_SUFFIXES or entry.name.endswith(SPARSE_VALUES_SUFFIXES)
+        if is_dataset:
+            found.append(str(entry))
+    return found
+
+
+def read_catalog(path: str) -> list[tuple[str, dict]]:
+    """The ``(path, settings)`` of each row of a catalog (see :func:`resolve_inputs`); other columns are ignored."""
+    if not os.path.isfile(path):
+        raise ValueError(f"catalog {path} does not exist")
+    try:
+        table = pd.read_csv(path, sep="\t" if path.lower().endswith(".tsv") else ",", dtype=str,
+                            keep_default_na=False, skipinitialspace=True)  # fmt: skip
+    except (OSError, ValueError) as err:
+        raise ValueError(f"catalog {path} cannot be read: {err}") from err
+    if "path" not in table.columns:
+        raise ValueError(f"catalog {path} has no 'path' column (its columns: {', '.join(table.columns)})")
+    folder = os.path.dirname(path)
+    inputs = []
+    for line, row in enumerate(table.to_dict("records"), start=2):
+        if not row["path"].strip():
+            raise ValueError(f"catalog {path} line {line}: empty path")
+        settings = {key: row[key].strip() for key in (*CATALOG_SETTINGS, "dataset_id") if row.get(key, "").strip()}
+        if "metadata" in settings:
+            settings["metadata"] = os.path.join(folder, settings["metadata"])
+        inputs.append((os.path.join(folder, row["path"].strip()), settings))
+    if not inputs:
+        raise ValueError(f"catalog {path} lists no dataset")
+    return inputs
 
 
 def cell_organisms(matrix: CountMatrix, default: str | None) -> np.ndarray:
@@ -104,8 +177,14 @@ def cell_organisms(matrix: CountMatrix, default: str | None) -> np.ndarray:
 
 
 def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], settings: dict) -> DatasetPlan:
-    """Open one dataset and work out its organism and gene mapping; failures are recorded, not raised."""
-    plan = DatasetPlan(dataset=dataset, path=path)
+    """Open one dataset, work out its organism and gene mapping, join its metadata; failures are recorded, not raised.
+
+    ``settings`` are the data settings (``counts``, ``organism``,
+    ``min_gene_coverage``, ``metadata``), with a catalog row's overrides and
+    ``dataset_id``.
+    """
+    plan = DatasetPlan(dataset=dataset, path=path, dataset_id=settings.get("dataset_id") or "",
+                       metadata=settings.get("metadata") or "")  # fmt: skip
     try:
         matrix = open_counts(path, counts=settings.get("counts", "auto"))
     except DatasetError as err:
@@ -115,6 +194,8 @@ def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], sett
     plan.counts_location, plan.warnings = matrix.counts_location, list(matrix.warnings)
     try:
         _map_genes(plan, matrix, vocabulary, settings)
+        if plan.metadata:
+            plan.cell_metadata = join_metadata(plan, matrix.obs_names)
     except DatasetError as err:
         plan.status, plan.error = "failed", str(err)
     except ValueError as err:  # e.g. an organism name we cannot read
@@ -154,6 +235,51 @@ def _map_genes(plan: DatasetPlan, matrix: CountMatrix, vocabulary: dict[str, lis
     plan.gene_map, plan.cell_organisms = gene_map, organisms
     for warning in plan.warnings:
         log.warning("%s: %s", plan.path, warning)
+
+
+def join_metadata(plan: DatasetPlan, obs_names: np.ndarray) -> dict[str, np.ndarray]:
+    """The columns of the plan's metadata table, one value per row of the dataset, matched by cell id.
+
+    The cell ids are the table's ``cell_id`` column (else ``obs_name``,
+    ``barcode``, ``cell``..., else its first column) and must match the
+    dataset's obs names. Cells without a row get empty (null) values, with a
+    warning. A column named like a ``_cells.parquet`` column gets a ``meta_``
+    prefix.
+
+    Raises
+    ------
+    DatasetError
+        The table cannot be read, or repeats the id of one of the dataset's cells.
+    """
+    table = _read_metadata_table(plan.metadata)
+    id_column = next((c for c in METADATA_ID_COLUMNS if c in table.columns), table.columns[0])
+    ids = table[id_column].astype(str)
+    cells = pd.Index(np.asarray(obs_names).astype(str))
+    mine = ids.isin(cells).to_numpy()
+    repeated = ids[mine][ids[mine].duplicated()]
+    if len(repeated):
+        raise DatasetError(plan.metadata, f"cell id {repeated.iloc[0]!r} of {plan.path} is in "
+                           f"{int(ids.eq(repeated.iloc[0]).sum())} rows (column {id_column!r}); give this dataset a "
+                           "table of its own (catalog column metadata)")  # fmt: skip
+    rows = table[mine].drop(columns=id_column).set_axis(ids[mine].to_numpy(), axis=0).reindex(cells)
+    n_missing = int((~cells.isin(ids[mine])).sum())
+    if n_missing:
+        warning = f"metadata {plan.metadata}: {n_missing} of {len(cells)} cells have no row (their columns are empty)"
+        plan.warnings.append(warning)
+        log.warning("%s: %s", plan.path, warning)
+    return {(f"meta_{name}" if str(name) in CELL_COLUMNS else str(name)): rows[name].to_numpy() for name in rows}
+
+
+@lru_cache(maxsize=4)
+def _read_metadata_table(path: str) -> pd.DataFrame:
+    """A csv/tsv/parquet table, read once per process (one table often serves every dataset of a run)."""
+    try:
+        if path.lower().endswith(".parquet"):
+            table = pd.read_parquet(path)
+            return table if isinstance(table.index, pd.RangeIndex) else table.reset_index()
+        return pd.read_csv(path, sep="\t" if path.lower().endswith(".tsv") else ",")
+    except (OSError, ValueError) as err:
+        raise DatasetError(path, f"cannot be read as a metadata table ({' '.join(str(err).split())})") from err
 
 
 def make_units(datasets: list[DatasetPlan], cells_per_unit: int, stored: list[Unit] = ()) -> list[Unit]:

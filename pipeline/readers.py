@@ -1,12 +1,19 @@
-"""Open an h5ad file and stream its raw counts in row blocks.
+"""Open a dataset and stream its raw counts in row blocks.
+
+:func:`open_counts` tells the format from the content and returns a
+:class:`CountMatrix`, the one interface the pipeline reads datasets through.
+This module reads AnnData (h5ad files and zarr stores); ``pipeline.formats``
+reads the others (10x, pandas HDF5 tables, sparse ``.npz`` pairs).
 
 The count matrix is never loaded whole (except CSC matrices, see
-:func:`open_counts`): :class:`CountMatrix` keeps the HDF5 file open and reads the
+:func:`open_anndata`, and the formats that cannot be read by rows, see
+``pipeline.formats``): :class:`CountMatrix` keeps the file open and reads the
 rows it is asked for, checking on the way that they hold raw counts.
 """
 
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -16,6 +23,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import zarr
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,8 @@ DENSE_READ_VALUES = 10_000_000
 #: A CSC matrix with more stored values than this is worth a warning: it is
 #: converted to CSR in memory.
 CSC_WARNING_VALUES = 100_000_000
+#: Feature names of ATAC peaks: ``chr1:9776-10668``, ``chr1-9776-10668``, ``GL000194.1:55-1000``.
+PEAK_NAME = re.compile(r"^(chr[\w.]*[:_-]\d+[-_]\d+|[\w.]+:\d+-\d+)$")
 
 
 class DatasetError(Exception):
@@ -56,31 +66,34 @@ class DatasetError(Exception):
 
 @dataclass
 class CountMatrix:
-    """One opened h5ad file whose raw counts are read in row blocks.
+    """One opened dataset whose raw counts are read in row blocks.
 
-    Build it with :func:`open_counts`. The HDF5 file stays open until
+    Build it with :func:`open_counts`. The file stays open until
     :meth:`close` (or the end of a ``with`` block). A pickled CountMatrix (e.g.
-    sent to a data-loader worker) reopens the file on unpickling.
+    sent to a data-loader worker) reopens the dataset on unpickling.
 
     Attributes
     ----------
     path : str
-        The h5ad file.
+        The dataset: a file, or a directory (zarr store, 10x mtx directory).
     n_cells, n_genes : int
         Shape of the count matrix.
     obs_names : np.ndarray
         Cell names (object array of str), in row order. They may repeat: cells
         are identified by their row.
     obs : pd.DataFrame
-        Cell metadata, categoricals decoded.
+        Cell metadata, categoricals decoded (empty for formats without any).
     var : pd.DataFrame
         Gene table matching the count matrix's columns (``raw/var`` when the
         counts are ``raw/X``), indexed by var names.
     uns_organism : str or None
         ``uns['organism_ontology_term_id']``, else ``uns['organism']``, as
-        written in the file.
+        written in the file (AnnData only).
     counts_location : str
-        ``'X'``, ``'raw/X'`` or ``'layers/<name>'``.
+        Where the counts are in the dataset: ``'X'``, ``'raw/X'`` or
+        ``'layers/<name>'`` for AnnData; see ``pipeline.formats`` for the
+        others. ``open_counts(path, counts=counts_location)`` opens the same
+        matrix again.
     warnings : list of str
         Non-fatal findings about the file.
     """
@@ -94,8 +107,10 @@ class CountMatrix:
     uns_organism: str | None
     counts_location: str
     warnings: list[str] = field(default_factory=list)
-    _file: h5py.File | None = field(default=None, repr=False)
-    # h5py.Dataset (dense), anndata CSR dataset, or in-memory scipy CSR (from CSC)
+    # what close() closes: an h5py.File or pd.HDFStore; None for zarr and in-memory matrices
+    _file: object = field(default=None, repr=False)
+    # a dense h5py/zarr array, or anything that returns rows for a slice or sorted row indices
+    # (anndata CSR dataset, in-memory scipy CSR, the row readers of pipeline.formats)
     _rows_source: object = field(default=None, repr=False)
 
     def read_rows(self, start, stop):
@@ -157,19 +172,19 @@ class CountMatrix:
         if self._rows_source is None:
             raise ValueError(f"{self.path}: the count matrix is closed")
         try:
-            if isinstance(self._rows_source, h5py.Dataset):
+            if _is_array(self._rows_source):
                 rows = np.arange(selection.start, selection.stop) if isinstance(selection, slice) else selection
                 block = _read_dense_rows(self._rows_source, rows)
             else:
                 block = self._rows_source[selection]
-        except (OSError, KeyError, RuntimeError) as err:
+        except (OSError, KeyError, RuntimeError, ValueError) as err:
             raise DatasetError(self.path, f"cannot read {what} of {self.counts_location}: {_short_reason(err)}") from err
         block = sp.csr_matrix(block, dtype=np.float32)
         block.sort_indices()
         return block
 
     def close(self):
-        """Close the HDF5 file; the matrix cannot be read afterwards."""
+        """Close the file; the matrix cannot be read afterwards."""
         if self._file is not None:
             self._file.close()
         self._file = None
@@ -190,12 +205,48 @@ class CountMatrix:
 
 
 def open_counts(path, counts="auto"):
-    """Open an h5ad file's raw counts for reading in row blocks.
+    """Open a dataset's raw counts for reading in row blocks, whatever its format.
+
+    The format is told from the content (see ``pipeline.formats.detect_format``):
+    h5ad, AnnData zarr store, 10x ``.h5`` or ``matrix.mtx`` directory, pandas
+    HDF5 table (Kaggle ``.h5``), ``_values.sparse`` + ``_idxcol.npz`` pair.
 
     Parameters
     ----------
     path : str or os.PathLike
-        The h5ad file.
+        The dataset.
+    counts : str
+        Where the raw counts are: ``'auto'``, or a location of the format
+        (``'X'``, ``'raw/X'``, ``'layers/<name>'`` for AnnData; the table's key
+        for a pandas HDF5 file; the one location the other formats have).
+
+    Returns
+    -------
+    CountMatrix
+        Open; close it, or use it as a context manager.
+
+    Raises
+    ------
+    DatasetError
+        The dataset is missing, unreadable, of no known format, corrupt, empty,
+        not RNA (ATAC peaks, proteins), or holds no raw counts where ``counts``
+        says (one line naming the file and the problem).
+    ValueError
+        ``counts`` is not a form an AnnData location can take.
+    """
+    from pipeline import formats  # formats builds on this module's CountMatrix
+
+    path = os.fspath(path)
+    return formats.OPENERS[formats.detect_format(path)](path, counts)
+
+
+def open_anndata(path, counts="auto"):
+    """Open the raw counts of an h5ad file or AnnData zarr store for reading in row blocks.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The h5ad file or zarr directory.
     counts : str
         Where the raw counts are: ``'X'``, ``'raw/X'``, ``'layers/<name>'``,
         or ``'auto'`` to take the first of ``layers/counts``, ``raw/X``, ``X``
@@ -209,9 +260,9 @@ def open_counts(path, counts="auto"):
     Raises
     ------
     DatasetError
-        The file is missing, unreadable, not an h5ad file, corrupt, empty, or
-        holds no raw counts where ``counts`` says (one line naming the file and
-        the problem).
+        The file is missing, unreadable, not AnnData, corrupt, empty, holds ATAC
+        peaks, or holds no raw counts where ``counts`` says (one line naming the
+        file and the problem).
     ValueError
         ``counts`` is not one of the forms above.
 
@@ -227,42 +278,69 @@ def open_counts(path, counts="auto"):
         counts not in ("auto", "X", "raw/X") and not (counts.startswith("layers/") and len(counts) > len("layers/"))
     ):
         raise ValueError(f"counts must be 'auto', 'X', 'raw/X' or 'layers/<name>', got {counts!r}")
-    h5_file = _open_hdf5(path)
+    if os.path.isdir(path):
+        root, h5_file, kind = _open_zarr(path), None, "AnnData zarr"
+    else:
+        root = h5_file = _open_hdf5(path)
+        kind = "h5ad"
     try:
-        return _build_count_matrix(path, h5_file, counts)
+        return _build_count_matrix(path, root, counts, kind, h5_file)
     except DatasetError:
-        h5_file.close()
+        if h5_file is not None:
+            h5_file.close()
         raise
     except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:
-        h5_file.close()
-        raise DatasetError(path, f"cannot be read as h5ad: {_short_reason(err)}") from err
+        if h5_file is not None:
+            h5_file.close()
+        raise DatasetError(path, f"cannot be read as {kind}: {_short_reason(err)}") from err
 
 
-def _open_hdf5(path):
+def check_readable(path):
+    """Raise a DatasetError if ``path`` does not exist or cannot be read."""
     if not os.path.exists(path):
         raise DatasetError(path, "file does not exist")
-    if os.path.isdir(path):
-        raise DatasetError(path, "is a directory, not an h5ad file")
     try:
-        with open(path, "rb"):
-            pass
+        if os.path.isdir(path):
+            os.listdir(path)
+        else:
+            with open(path, "rb"):
+                pass
     except PermissionError:
         raise DatasetError(path, "is not readable (permission denied)") from None
     except OSError as err:
         raise DatasetError(path, f"is not readable ({_short_reason(err)})") from err
+
+
+def _open_hdf5(path):
+    check_readable(path)
+    if os.path.isdir(path):
+        raise DatasetError(path, "is a directory, not an h5ad file")
     if not h5py.is_hdf5(path):
         raise DatasetError(path, "is not an h5ad file (not HDF5)")
+    return open_hdf5_file(path)
+
+
+def open_hdf5_file(path):
+    """``h5py.File(path, 'r')``, with a DatasetError for a truncated or corrupt file."""
     try:
         return h5py.File(path, "r")
     except OSError as err:
         raise DatasetError(path, f"is a truncated or corrupt HDF5 file ({_short_reason(err)})") from err
 
 
-def _build_count_matrix(path, h5_file, counts):
-    if "obs" not in h5_file or "var" not in h5_file:
-        raise DatasetError(path, "is not an h5ad file (no obs/var tables)")
-    location = _choose_counts_location(path, h5_file, counts)
-    element = h5_file[location]
+def _open_zarr(path):
+    check_readable(path)
+    try:
+        return zarr.open_group(path, mode="r")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DatasetError(path, f"is not a readable zarr store ({_short_reason(err)})") from err
+
+
+def _build_count_matrix(path, root, counts, kind, h5_file):
+    if "obs" not in root or "var" not in root:
+        raise DatasetError(path, f"is not {'an h5ad file' if kind == 'h5ad' else 'an AnnData zarr store'} (no obs/var tables)")
+    location = _choose_counts_location(path, root, counts)
+    element = root[location]
     n_cells, n_genes = _element_shape(element)
     if n_cells == 0:
         raise DatasetError(path, f"has no cells ({location} has 0 rows)")
@@ -272,13 +350,14 @@ def _build_count_matrix(path, h5_file, counts):
     with warnings.catch_warnings():
         # files from anndata < 0.8 lack encoding metadata; anndata reads them fine
         warnings.simplefilter("ignore", anndata.OldFormatWarning)
-        obs = anndata.io.read_elem(h5_file["obs"])
-        var = anndata.io.read_elem(h5_file["raw/var" if location == "raw/X" else "var"])
+        obs = anndata.io.read_elem(root["obs"])
+        var = anndata.io.read_elem(root["raw/var" if location == "raw/X" else "var"])
     if len(obs) != n_cells:
         raise DatasetError(path, f"obs has {len(obs)} rows but {location} has {n_cells}")
     if len(var) != n_genes:
         var_name = "raw/var" if location == "raw/X" else "var"
         raise DatasetError(path, f"{var_name} has {len(var)} rows but {location} has {n_genes} columns")
+    check_not_peaks(path, var.index)
     obs_names = obs.index.to_numpy(dtype=object)
 
     findings = []
@@ -304,12 +383,28 @@ def _build_count_matrix(path, h5_file, counts):
         obs_names=obs_names,
         obs=obs,
         var=var,
-        uns_organism=_read_uns_organism(h5_file),
+        uns_organism=_read_uns_organism(root),
         counts_location=location,
         warnings=findings,
         _file=h5_file,
         _rows_source=rows_source,
     )
+
+
+def check_not_peaks(path, feature_names):
+    """Raise a DatasetError if most feature names are ATAC peaks (``chr1:9776-10668``)."""
+    names = pd.Series(np.asarray(feature_names, dtype=object).astype(str))
+    is_peak = names.str.match(PEAK_NAME)
+    if len(names) and is_peak.mean() >= 0.5:
+        raise DatasetError(
+            path, f"looks like ATAC peaks, not RNA ({int(is_peak.sum())} of {len(names)} features are genomic ranges, "
+            f"e.g. {names[is_peak].iloc[0]}): scPRINT-2 embeds gene expression"
+        )  # fmt: skip
+
+
+def _is_array(element):
+    """A dense array of an HDF5 file or zarr store (not a group holding a sparse matrix)."""
+    return isinstance(element, (h5py.Dataset, zarr.Array))
 
 
 def _read_dense_rows(dataset, rows):
@@ -325,27 +420,27 @@ def _read_dense_rows(dataset, rows):
     return sp.vstack(parts, format="csr")
 
 
-def _choose_counts_location(path, h5_file, counts):
+def _choose_counts_location(path, root, counts):
     if counts != "auto":
-        if not _is_matrix(h5_file, counts):
+        if not _is_matrix(root, counts):
             raise DatasetError(path, f"has no count matrix at {counts}")
-        problem = _counts_problem(h5_file[counts])
+        problem = _counts_problem(root[counts])
         if problem:
             raise DatasetError(path, f"{counts} holds {problem}; pass data.counts=... if raw counts are elsewhere")
         return counts
 
     findings, missing = [], []
     for location in AUTO_COUNT_LOCATIONS:
-        if not _is_matrix(h5_file, location):
+        if not _is_matrix(root, location):
             missing.append(_display_name(location))
             continue
-        problem = _counts_problem(h5_file[location])
+        problem = _counts_problem(root[location])
         if problem is None:
             return location
         findings.append(f"{_display_name(location)} holds {problem}")
     if missing:
         findings.append("no " + " or ".join(missing))
-    other_layers = [name for name in h5_file.get("layers", {}) if name != "counts"]
+    other_layers = [name for name in root.get("layers", {}) if name != "counts"]
     if other_layers:
         findings.append("other layers: " + ", ".join(other_layers))
     findings.append("pass data.counts=... if raw counts are elsewhere")
@@ -358,15 +453,15 @@ def _display_name(location):
     return "raw.X" if location == "raw/X" else location
 
 
-def _is_matrix(h5_file, location):
-    if location not in h5_file:
+def _is_matrix(root, location):
+    if location not in root:
         return False
-    element = h5_file[location]
-    return isinstance(element, h5py.Dataset) or _sparse_format(element) in ("csr", "csc")
+    element = root[location]
+    return _is_array(element) or _sparse_format(element) in ("csr", "csc")
 
 
 def _sparse_format(element):
-    if isinstance(element, h5py.Dataset):
+    if _is_array(element):
         return None
     encoding = element.attrs.get("encoding-type", element.attrs.get("h5sparse_format", ""))
     encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
@@ -374,7 +469,7 @@ def _sparse_format(element):
 
 
 def _element_shape(element):
-    if isinstance(element, h5py.Dataset):
+    if _is_array(element):
         if element.ndim != 2:
             raise ValueError(f"count matrix has {element.ndim} dimensions")
         return tuple(int(n) for n in element.shape)
@@ -384,7 +479,7 @@ def _element_shape(element):
 
 def _counts_problem(element):
     """Why the first rows of a matrix are not raw counts, or None if they are."""
-    if isinstance(element, h5py.Dataset):
+    if _is_array(element):
         n_genes = element.shape[1] if element.ndim == 2 else 1
         values = element[: min(N_SAMPLE_ROWS, max(1, N_SAMPLE_VALUES // max(n_genes, 1)))]
     elif _sparse_format(element) == "csr":
@@ -426,10 +521,10 @@ def _check_counts(block, path, location, rows):
     )
 
 
-def _read_uns_organism(h5_file):
+def _read_uns_organism(root):
     for key in ("uns/organism_ontology_term_id", "uns/organism"):
-        if key in h5_file and isinstance(h5_file[key], h5py.Dataset):
-            value = h5_file[key][()]
+        if key in root and _is_array(root[key]):
+            value = root[key][()]
             if isinstance(value, np.ndarray):
                 if value.size != 1:
                     continue
