@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import struct
 import warnings
@@ -265,6 +266,20 @@ class Atlas:
         full = self.class_name(name)
         return next(c for c in self.description["classes"] if c["name"] == full)
 
+    def block_columns(self, name: str) -> slice:
+        """The embedding columns of a block, e.g. ``block_columns("cell_type")`` -> ``slice(256, 320)``."""
+        full = _match_name(name, self.blocks, "embedding block", self.out_dir)
+        block = next(b for b in self.description["embedding_blocks"] if b["name"] == full)
+        return slice(block["start"], block["start"] + block["width"])
+
+    def top_columns(self, name: str, k: int | None = None) -> slice:
+        """The ``top3`` / ``scores`` columns of a class's top ``k`` labels (default: all the atlas holds)."""
+        info = self.class_info(name)
+        k = info["k"] if k is None else int(k)
+        if not 1 <= k <= info["k"]:
+            raise ValueError(f"{self.out_dir}: {info['name']} holds the top {info['k']} labels, asked for k={k}")
+        return slice(info["start"], info["start"] + k)
+
     # ------------------------------------------------------------------ labels
 
     def labels(self, name: str) -> pd.DataFrame:
@@ -273,7 +288,8 @@ class Atlas:
         vocabulary = self.description["labels"][full]
         ids = sorted(int(i) for i in vocabulary)
         terms = [vocabulary[str(i)] for i in ids]
-        return pd.DataFrame({"id": ids, "term": terms, "name": [term_name(t) for t in terms]})
+        names = term_names(terms)
+        return pd.DataFrame({"id": ids, "term": terms, "name": [names[t] for t in terms]})
 
     def decode(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Label ids of a class -> their terms (as in ``atlas.json``), same shape."""
@@ -333,16 +349,16 @@ class Atlas:
 
     def embedding(self, block: str | None = None, rows=None) -> np.ndarray:
         """Embedding columns of the cells: a named block (``cell_type``, ``other``, ...) or all (``None``)."""
-        columns = slice(None) if block is None else self._block_columns(block)
+        columns = slice(None) if block is None else self.block_columns(block)
         return self._read(rows, {"embs": columns}, "reading embeddings")["embs"]
 
     def top(self, name: str, k: int | None = None, rows=None) -> np.ndarray:
         """Ids of the top ``k`` labels of a class (default: all the atlas holds), ``[n, k]`` int32."""
-        return self._read(rows, {"top3": self._top_columns(name, k)}, "reading top labels")["top3"]
+        return self._read(rows, {"top3": self.top_columns(name, k)}, "reading top labels")["top3"]
 
     def scores(self, name: str, k: int | None = None, rows=None) -> np.ndarray:
         """Scores of the top ``k`` labels of a class, ``[n, k]`` float32, matching :meth:`top`."""
-        return self._read(rows, {"scores": self._top_columns(name, k)}, "reading scores")["scores"]
+        return self._read(rows, {"scores": self.top_columns(name, k)}, "reading scores")["scores"]
 
     def predictions(self, rows=None, k: int | None = None) -> pd.DataFrame:
         """Decoded predictions, indexed by atlas row.
@@ -424,18 +440,6 @@ class Atlas:
             return anndata.AnnData(obs=obs, obsm={"X_scprint2": data["embs"]}, uns=uns)
 
     # ------------------------------------------------------------------ internals
-
-    def _block_columns(self, name: str) -> slice:
-        full = _match_name(name, self.blocks, "embedding block", self.out_dir)
-        block = next(b for b in self.description["embedding_blocks"] if b["name"] == full)
-        return slice(block["start"], block["start"] + block["width"])
-
-    def _top_columns(self, name: str, k: int | None) -> slice:
-        info = self.class_info(name)
-        k = info["k"] if k is None else int(k)
-        if not 1 <= k <= info["k"]:
-            raise ValueError(f"{self.out_dir}: {info['name']} holds the top {info['k']} labels, asked for k={k}")
-        return slice(info["start"], info["start"] + k)
 
     def _prediction_table(self, top: np.ndarray, scores: np.ndarray, k: int | None, index: pd.Index) -> pd.DataFrame:
         columns = {}
@@ -538,15 +542,37 @@ def _match_name(name: str, names: list[str], what: str, where) -> str:
     raise ValueError(f"{where}: no {what} {name!r}; the atlas has {names}")
 
 
-@functools.lru_cache(maxsize=None)
-def term_name(term: str) -> str:
-    """The ontology label of a term id (``CL:0000084`` -> ``T cell``), via ``cellxgene-ontology-guide``.
+_TERM_NAMES: dict[str, str] = {}
 
-    Returns the term itself when the package (the ``ontology`` extra) is not
-    installed, the term is not an ontology id, or the ontologies do not know it.
+
+def term_names(terms) -> dict[str, str]:
+    """Ontology labels of term ids (``CL:0000084`` -> ``T cell``), via ``cellxgene-ontology-guide``.
+
+    A term maps to itself when the package (the ``ontology`` extra) is not
+    installed, the term is not an ontology id, or the ontologies do not know
+    it. Looked-up names are kept in a cache file under ``$XDG_CACHE_HOME``
+    (default ``~/.cache``) ``/scprint-atlas/``, since loading an ontology can
+    take seconds (NCBITaxon: about 15 s).
     """
-    parser = _ontology_parser()
-    if parser is None or not ONTOLOGY_TERM.match(term):
+    terms = [str(t) for t in terms]
+    wanted = [t for t in dict.fromkeys(terms) if t not in _TERM_NAMES]
+    if wanted:
+        parser, cache_path = _ontology_parser()
+        if parser is None:
+            _TERM_NAMES.update({t: t for t in wanted})
+        else:
+            cached = _read_name_cache(cache_path)
+            unknown = [t for t in wanted if t not in cached]
+            for term in unknown:
+                cached[term] = _lookup_term(parser, term)
+            _TERM_NAMES.update({t: cached[t] for t in wanted})
+            if unknown:
+                _write_name_cache(cache_path, cached)
+    return {t: _TERM_NAMES[t] for t in terms}
+
+
+def _lookup_term(parser, term: str) -> str:
+    if not ONTOLOGY_TERM.match(term):
         return term
     try:
         return parser.get_term_label(term) or term
@@ -556,11 +582,29 @@ def term_name(term: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _ontology_parser():
+    """The parser and the path of its name cache, or ``(None, None)`` without ``cellxgene-ontology-guide``."""
     try:
         from cellxgene_ontology_guide.ontology_parser import OntologyParser
     except ImportError:
-        return None
-    return OntologyParser()
+        return None, None
+    from importlib.metadata import version
+
+    cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scprint-atlas"
+    return OntologyParser(), cache_dir / f"ontology_names_{version('cellxgene-ontology-guide')}.json"
+
+
+def _read_name_cache(path: Path) -> dict[str, str]:
+    try:
+        return manifest.read_json(path)
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_name_cache(path: Path, names: dict[str, str]) -> None:
+    try:
+        manifest.write_json(path, names)
+    except OSError:  # a read-only home: names are looked up again next time
+        pass
 
 
 def memmap_npz(path: str | Path, name: str) -> np.ndarray:

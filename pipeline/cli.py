@@ -4,6 +4,9 @@
     scatlas status ATLAS_DIR          units and cells done, failures, per-rank throughput, ETA
     scatlas validate ATLAS_DIR        exit 0 only if the atlas is complete and consistent
     scatlas bench [--help]            data path, memory, forward and end-to-end throughput figures
+    scatlas summarize ATLAS_DIR       tables of predicted labels per dataset, cell type x tissue/..., scores
+    scatlas plot ATLAS_DIR            PNGs: PCA/UMAP of a cell sample, score histograms, cell type x tissue
+    scatlas probe ATLAS_DIR --label COLUMN   linear probe of the embeddings against a source obs column
 """
 
 from __future__ import annotations
@@ -92,7 +95,70 @@ def bench(argv: list[str]) -> int:
     return run_bench(argv)
 
 
-COMMANDS = {"predict": predict, "status": status, "validate": validate, "bench": bench}
+def summarize(argv: list[str]) -> int:
+    from pipeline.analysis import summary_report, summary_tables, write_tables
+
+    parser = _analysis_parser("summarize", "Count predicted labels per dataset (cell type x tissue, disease, age, "
+                              "assay, organism, ...), compare the top-1/2/3 labels and their scores per class; "
+                              "writes CSV and parquet tables and prints a short report.", "summary")  # fmt: skip
+    args, atlas = _open(parser, argv)
+    tables = summary_tables(atlas)
+    written = write_tables(tables, args.out or atlas.out_dir / "summary")
+    print(summary_report(atlas, tables))
+    print(f"tables: {written[0].parent}/{{{','.join(p.stem for p in written)}}}.csv (and .parquet)")
+    return 0
+
+
+def plot(argv: list[str]) -> int:
+    from pipeline.analysis import plot_atlas
+
+    parser = _analysis_parser("plot", "Write PNGs: a PCA (or UMAP) of a random sample of cells coloured by "
+                              "predicted cell type and by dataset, the top-1/2/3 score histograms of every "
+                              "class, and a predicted cell type x tissue heatmap.", "plots")  # fmt: skip
+    parser.add_argument("--cells", type=int, default=5000, help="cells drawn for the PCA/UMAP (default 5000)")
+    parser.add_argument("--umap", action="store_true", help="UMAP instead of PCA (umap-learn; ~30 s more to compile)")
+    args, atlas = _open(parser, argv)
+    paths = plot_atlas(atlas, args.out or atlas.out_dir / "plots", n_cells=args.cells,
+                       method="umap" if args.umap else "pca")  # fmt: skip
+    print("\n".join(map(str, paths)))
+    return 0
+
+
+def probe(argv: list[str]) -> int:
+    from pipeline.analysis import linear_probe, probe_report, write_probe
+
+    parser = _analysis_parser("probe", "Train a linear probe (logistic regression on standardized embeddings) "
+                              "against a label column of the source datasets' obs, joined cell by cell; report "
+                              "held-out accuracy and macro-F1 next to the majority-class baseline.", "summary")  # fmt: skip
+    parser.add_argument("--label", required=True, help="obs column of the source datasets, e.g. cell_type")
+    parser.add_argument("--block", default=None, help="embedding block to use, e.g. cell_type or other (default: all)")
+    parser.add_argument("--max-cells", type=int, default=100_000, help="cells drawn at random (default 100000)")
+    args, atlas = _open(parser, argv)
+    result = linear_probe(atlas, args.label, block=args.block, max_cells=args.max_cells)
+    path = write_probe(result, args.out or atlas.out_dir / "summary")
+    print(probe_report(result))
+    print(f"written: {path}")
+    return 0
+
+
+def _analysis_parser(command: str, description: str, default_out: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"scatlas {command}", description=description + " Reads only the parts "
+                                     "that are done, so it works on an atlas still being written.")  # fmt: skip
+    parser.add_argument("atlas_dir", metavar="ATLAS_DIR", help="out_dir of a scatlas predict run")
+    parser.add_argument("--out", type=Path, default=None, help=f"output directory (default: ATLAS_DIR/{default_out})")
+    parser.add_argument("--run", type=int, default=None, help="run counter (default: the latest run)")
+    return parser
+
+
+def _open(parser: argparse.ArgumentParser, argv: list[str]):
+    from pipeline.atlas import open_atlas
+
+    args = parser.parse_args(argv)
+    return args, open_atlas(args.atlas_dir, args.run)
+
+
+COMMANDS = {"predict": predict, "status": status, "validate": validate, "bench": bench, "summarize": summarize,
+            "plot": plot, "probe": probe}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,502 @@
+"""What people do with an atlas: ``scatlas summarize``, ``scatlas plot`` and ``scatlas probe``.
+
+Each works on the parts that are done (an atlas still being written gives the
+numbers of its done parts) and reads them through :class:`pipeline.atlas.Atlas`,
+one pass at a time with a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.atlas import Atlas, short_name
+
+#: Score histograms have this many bins over [0, 1]; medians are read from them.
+N_SCORE_BINS = 200
+#: A top-1 label is called ambiguous when the top-2 score is within this of it.
+AMBIGUOUS_MARGIN = 0.05
+#: Sparse count tables are compacted after this many parts.
+COMPACT_EVERY = 256
+
+
+# ----------------------------------------------------------------------------- summarize
+
+
+def summary_tables(atlas: Atlas) -> dict[str, pd.DataFrame]:
+    """Count and score tables of an atlas, from one pass over its done parts.
+
+    Classes are named by their short form (``cell_type``, ``tissue``, ...);
+    ``label`` is the term of ``atlas.json`` and ``name`` its ontology name.
+
+    Returns
+    -------
+    dict of pd.DataFrame
+        ``datasets``: per dataset, cells embedded and dropped in done parts,
+        parts done of planned.
+        ``predicted_by_dataset``: per dataset, class and label, the cells
+        whose top-1 label it is.
+        ``cell_type_by_class``: per dataset, the cells of each pair (top-1
+        cell type, top-1 label of another class).
+        ``labels``: per class and label, how often it is ranked 1st, 2nd,
+        3rd, and the mean and median of its scores at each rank.
+        ``top1_top2``: per class, how often each label is runner-up to each
+        top-1 label.
+        ``classes``: per class, labels used, median scores, median margin
+        between the top-1 and top-2 scores, share of ambiguous cells (margin
+        below ``AMBIGUOUS_MARGIN``) and of cells whose top-2 score is at least
+        0.5 too.
+        ``score_histograms``: per class and rank, cells per score bin.
+    """
+    classes = atlas.description["classes"]
+    primary = cell_type_class(atlas)
+    primary_info = atlas.class_info(primary)
+    rank_counts = {c["name"]: np.zeros((c["k"], c["n_labels"]), np.int64) for c in classes}
+    score_sums = {c["name"]: np.zeros((c["k"], c["n_labels"])) for c in classes}
+    histograms = {c["name"]: np.zeros((c["k"], c["n_labels"], N_SCORE_BINS), np.int64) for c in classes}
+    margins = {c["name"]: np.zeros(N_SCORE_BINS, np.int64) for c in classes if c["k"] >= 2}
+    top2_above_half = {c["name"]: 0 for c in classes if c["k"] >= 2}
+    pairs = {c["name"]: np.zeros(c["n_labels"] ** 2, np.int64) for c in classes if c["k"] >= 2}
+    by_dataset, crossed = _SparseCounts(["dataset", "class", "label"]), _SparseCounts(["dataset", "class", "cell_type", "label"])
+
+    for record, data in atlas.iter_parts(("top3", "scores"), cells=False, description="summarizing"):
+        top, scores = np.asarray(data["top3"]), np.asarray(data["scores"])
+        primary_top1 = top[:, primary_info["start"]]
+        for info in classes:
+            name, n_labels = info["name"], info["n_labels"]
+            ids = top[:, info["start"] : info["start"] + info["k"]]
+            values = scores[:, info["start"] : info["start"] + info["k"]]
+            for rank in range(info["k"]):
+                rank_counts[name][rank] += np.bincount(ids[:, rank], minlength=n_labels)
+                score_sums[name][rank] += np.bincount(ids[:, rank], weights=values[:, rank], minlength=n_labels)
+                flat = ids[:, rank] * N_SCORE_BINS + _score_bins(values[:, rank])
+                histograms[name][rank] += np.bincount(flat, minlength=n_labels * N_SCORE_BINS).reshape(n_labels, -1)
+            if info["k"] >= 2:
+                margins[name] += np.bincount(_score_bins(values[:, 0] - values[:, 1]), minlength=N_SCORE_BINS)
+                top2_above_half[name] += int((values[:, 1] >= 0.5).sum())
+                pairs[name] += np.bincount(ids[:, 0] * n_labels + ids[:, 1], minlength=n_labels**2)
+            by_dataset.add((record.dataset, name), ids[:, 0])
+            if name != primary:
+                crossed.add((record.dataset, name), primary_top1, ids[:, 0], n_labels)
+
+    terms = {c["name"]: atlas.labels(c["name"]) for c in classes}
+    tables = {"datasets": _datasets_table(atlas)}
+
+    counts = by_dataset.table()
+    tables["predicted_by_dataset"] = _with_names(counts, terms, "class", "label").sort_values(
+        ["dataset", "class", "n_cells"], ascending=[True, True, False], kind="stable", ignore_index=True)  # fmt: skip
+
+    crosstab = crossed.table()
+    crosstab["cell_type_name"] = _names_of(terms[primary], crosstab["cell_type"])
+    crosstab["cell_type"] = _terms_of(terms[primary], crosstab["cell_type"])
+    tables["cell_type_by_class"] = _with_names(crosstab, terms, "class", "label")[
+        ["dataset", "class", "cell_type", "cell_type_name", "label", "name", "n_cells"]
+    ]
+
+    label_rows, class_rows, histogram_rows, pair_rows = [], [], [], []
+    bins = np.arange(N_SCORE_BINS + 1) / N_SCORE_BINS
+    max_k = max((c["k"] for c in classes), default=0)
+    for info in classes:
+        name, short, n_cells = info["name"], short_name(info["name"]), int(rank_counts[info["name"]][0].sum())
+        table = terms[name].rename(columns={"term": "label"}).drop(columns="id")
+        table.insert(0, "class", short)
+        for rank in range(max_k):
+            held = rank < info["k"]
+            n_at_rank = rank_counts[name][rank] if held else np.zeros(info["n_labels"], np.int64)
+            table[f"n_top{rank + 1}"] = n_at_rank
+            with np.errstate(invalid="ignore", divide="ignore"):
+                table[f"mean_score_top{rank + 1}"] = score_sums[name][rank] / n_at_rank if held else np.nan
+            table[f"median_score_top{rank + 1}"] = (
+                [_histogram_median(h, bins) for h in histograms[name][rank]] if held else np.nan
+            )
+        label_rows.append(table.sort_values("n_top1", ascending=False, kind="stable"))
+        summary = {"class": short, "atlas_name": name, "k": info["k"], "n_labels": info["n_labels"],
+                   "n_cells": n_cells, "n_labels_top1": int((rank_counts[name][0] > 0).sum())}  # fmt: skip
+        for rank in range(max_k):
+            per_rank = histograms[name][rank].sum(axis=0) if rank < info["k"] else None
+            summary[f"median_score_top{rank + 1}"] = _histogram_median(per_rank, bins) if per_rank is not None else np.nan
+            if per_rank is not None:
+                histogram_rows.append(pd.DataFrame({"class": short, "rank": rank + 1, "bin_start": bins[:-1],
+                                                    "bin_stop": bins[1:], "n_cells": per_rank}))  # fmt: skip
+        if info["k"] >= 2:
+            summary["median_margin"] = _histogram_median(margins[name], bins)
+            ambiguous_bins = int(round(AMBIGUOUS_MARGIN * N_SCORE_BINS))
+            summary["share_ambiguous"] = margins[name][:ambiguous_bins].sum() / n_cells if n_cells else np.nan
+            summary["share_top2_above_half"] = top2_above_half[name] / n_cells if n_cells else np.nan
+            square = pairs[name].reshape(info["n_labels"], info["n_labels"])
+            top1, top2 = np.nonzero(square)
+            pair_rows.append(pd.DataFrame({
+                "class": short, "top1": _terms_of(terms[name], top1), "top1_name": _names_of(terms[name], top1),
+                "top2": _terms_of(terms[name], top2), "top2_name": _names_of(terms[name], top2),
+                "n_cells": square[top1, top2],
+            }).sort_values("n_cells", ascending=False, kind="stable"))  # fmt: skip
+        class_rows.append(summary)
+    tables["labels"] = pd.concat(label_rows, ignore_index=True) if label_rows else pd.DataFrame()
+    tables["top1_top2"] = pd.concat(pair_rows, ignore_index=True) if pair_rows else pd.DataFrame()
+    tables["classes"] = pd.DataFrame(class_rows)
+    tables["score_histograms"] = pd.concat(histogram_rows, ignore_index=True) if histogram_rows else pd.DataFrame()
+    return tables
+
+
+def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> list[Path]:
+    """Write each table as ``<name>.csv`` and ``<name>.parquet`` under ``out_dir``; returns the CSV paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, table in tables.items():
+        table.to_csv(out_dir / f"{name}.csv", index=False)
+        table.to_parquet(out_dir / f"{name}.parquet", index=False)
+        written.append(out_dir / f"{name}.csv")
+    return written
+
+
+def summary_report(atlas: Atlas, tables: dict[str, pd.DataFrame], n_top: int = 3) -> str:
+    """A short text report: cells, datasets, and per class its most predicted labels and score figures."""
+    datasets = tables["datasets"]
+    lines = [
+        f"atlas {atlas.out_dir}  run {atlas.run}: {len(atlas.parts)}/{atlas.n_planned_parts} parts done, "
+        f"{atlas.n_cells:,} cells embedded, {int(datasets['n_dropped'].sum()):,} dropped, "
+        f"{int((datasets['n_embedded'] > 0).sum())}/{len(datasets)} datasets with cells",
+        f"{'class':<12} {'labels':>6} {'used':>5} {'top-1':>6} {'margin':>6} {'ambig.':>6}  most predicted (top-1 share)",
+    ]
+    labels = tables["labels"]
+    for row in tables["classes"].itertuples():
+        mine = labels[labels["class"] == row[1]].head(n_top)
+        top = ", ".join(f"{r.name} {r.n_top1 / row.n_cells:.0%}" for r in mine.itertuples() if row.n_cells and r.n_top1)
+        margin = getattr(row, "median_margin", np.nan)
+        ambiguous = getattr(row, "share_ambiguous", np.nan)
+        lines.append(f"{row[1]:<12} {row.n_labels:>6} {row.n_labels_top1:>5} {row.median_score_top1:>6.2f} "
+                     f"{_fmt(margin, '.2f'):>6} {_fmt(ambiguous, '.0%'):>6}  {top}")  # fmt: skip
+    lines.append("top-1: median top-1 score; margin: median top-1 minus top-2 score; "
+                 f"ambig.: share of cells with a margin below {AMBIGUOUS_MARGIN}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def cell_type_class(atlas: Atlas) -> str:
+    """The class the cross tables are made against: cell type, else the first class."""
+    try:
+        return atlas.class_name("cell_type")
+    except ValueError:
+        return atlas.classes[0]
+
+
+def _datasets_table(atlas: Atlas) -> pd.DataFrame:
+    done = atlas.parts.groupby("dataset").agg(n_embedded=("n_cells", "sum"), n_dropped=("n_dropped", "sum"),
+                                              n_parts_done=("part", "size"))  # fmt: skip
+    table = atlas.datasets[["dataset", "path", "status", "error", "n_cells"]].merge(
+        done, left_on="dataset", right_index=True, how="left")  # fmt: skip
+    for column in ("n_embedded", "n_dropped", "n_parts_done"):
+        table[column] = table[column].fillna(0).astype(np.int64)
+    return table
+
+
+class _SparseCounts:
+    """Counts of (key..., code...) tuples accumulated part by part, kept as a compact table."""
+
+    def __init__(self, columns: list[str]):
+        self.columns = columns
+        self.frames: list[pd.DataFrame] = []
+
+    def add(self, key: tuple, codes: np.ndarray, second: np.ndarray | None = None, n_second: int = 0) -> None:
+        flat = codes.astype(np.int64) if second is None else codes.astype(np.int64) * n_second + second
+        values, counts = np.unique(flat, return_counts=True)
+        frame = {column: value for column, value in zip(self.columns, key)}
+        if second is None:
+            frame[self.columns[-1]] = values
+        else:
+            frame[self.columns[-2]], frame[self.columns[-1]] = np.divmod(values, n_second)
+        frame["n_cells"] = counts
+        self.frames.append(pd.DataFrame(frame))
+        if len(self.frames) >= COMPACT_EVERY:
+            self.frames = [self.table()]
+
+    def table(self) -> pd.DataFrame:
+        if not self.frames:
+            return pd.DataFrame({**{c: pd.Series(dtype=np.int64) for c in self.columns}, "n_cells": pd.Series(dtype=np.int64)})
+        return pd.concat(self.frames, ignore_index=True).groupby(self.columns, as_index=False, sort=True)["n_cells"].sum()
+
+
+def _score_bins(values: np.ndarray) -> np.ndarray:
+    return np.clip((values * N_SCORE_BINS).astype(np.int64), 0, N_SCORE_BINS - 1)
+
+
+def _histogram_median(counts: np.ndarray, bins: np.ndarray) -> float:
+    total = counts.sum()
+    if total == 0:
+        return np.nan
+    i = int(np.searchsorted(np.cumsum(counts), total / 2))
+    return float((bins[i] + bins[i + 1]) / 2)
+
+
+def _terms_of(labels: pd.DataFrame, ids) -> np.ndarray:
+    return labels.set_index("id")["term"].reindex(np.asarray(ids)).to_numpy()
+
+
+def _names_of(labels: pd.DataFrame, ids) -> np.ndarray:
+    return labels.set_index("id")["name"].reindex(np.asarray(ids)).to_numpy()
+
+
+def _with_names(table: pd.DataFrame, terms: dict, class_column: str, id_column: str) -> pd.DataFrame:
+    """Replace class names by their short form and label ids by ``label`` (term) + ``name``."""
+    table = table.copy()
+    names, labels = np.empty(len(table), object), np.empty(len(table), object)
+    for name, group in table.groupby(class_column).groups.items():
+        ids = table.loc[group, id_column]
+        labels[table.index.get_indexer(group)] = _terms_of(terms[name], ids)
+        names[table.index.get_indexer(group)] = _names_of(terms[name], ids)
+    table[class_column] = table[class_column].map(short_name)
+    table[id_column], table["name"] = labels, names
+    return table[[c for c in table.columns if c != "n_cells"] + ["n_cells"]]
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "-" if value is None or pd.isna(value) else format(value, spec)
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def plot_atlas(atlas: Atlas, out_dir: str | Path, tables: dict[str, pd.DataFrame] | None = None,
+               n_cells: int = 5000, method: str = "pca", seed: int = 0) -> list[Path]:  # fmt: skip
+    """Write the atlas plots as PNGs under ``out_dir``; returns their paths.
+
+    - ``embedding_{method}.png``: a PCA (or UMAP) of ``n_cells`` cells drawn at
+      random, coloured by predicted (top-1) cell type and by dataset;
+    - ``score_histograms.png``: per class, the scores of the top-1, top-2 and
+      top-3 labels;
+    - ``cell_type_by_tissue.png``: cells per (top-1 cell type, top-1 tissue).
+
+    ``tables`` are those of :func:`summary_tables` (computed when not given).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if atlas.n_cells == 0:
+        raise ValueError(f"{atlas.out_dir}: no cells embedded yet (no part is done)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = summary_tables(atlas) if tables is None else tables
+    return [
+        _plot_embedding(atlas, out_dir / f"embedding_{method}.png", n_cells, method, seed),
+        _plot_score_histograms(tables["score_histograms"], out_dir / "score_histograms.png"),
+        _plot_cell_type_by_tissue(atlas, tables["cell_type_by_class"], out_dir / "cell_type_by_tissue.png"),
+    ]
+
+
+def _plot_embedding(atlas: Atlas, path: Path, n_cells: int, method: str, seed: int) -> Path:
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    rows = atlas.sample(n_cells, seed)
+    embedding = StandardScaler().fit_transform(atlas.embedding(rows=rows))
+    primary = cell_type_class(atlas)
+    cell_types = atlas.label_names(primary, atlas.top(primary, k=1, rows=rows)[:, 0])
+    stems = {int(d): Path(p).stem for d, p in zip(atlas.datasets["dataset"], atlas.datasets["path"])}
+    datasets = np.array([stems[int(d)] for d in atlas.cells(rows)["dataset"]], dtype=object)
+    if method == "umap":
+        import umap
+
+        reduced = PCA(n_components=min(50, *embedding.shape), random_state=seed).fit_transform(embedding)
+        coords = umap.UMAP(random_state=seed, n_jobs=1).fit_transform(reduced)
+        axis_names = ("UMAP 1", "UMAP 2")
+    elif method == "pca":
+        pca = PCA(n_components=2, random_state=seed).fit(embedding)
+        coords = pca.transform(embedding)
+        axis_names = tuple(f"PC{i + 1} ({share:.0%})" for i, share in enumerate(pca.explained_variance_ratio_))
+    else:
+        raise ValueError(f"method must be 'pca' or 'umap', got {method!r}")
+    figure, axes = plt.subplots(1, 2, figsize=(16, 7))
+    for ax, values, title in ((axes[0], cell_types, f"predicted {short_name(primary).replace('_', ' ')} (top-1)"),
+                              (axes[1], datasets, "dataset")):  # fmt: skip
+        _scatter_by_category(ax, coords, values)
+        ax.set_title(title)
+        ax.set_xlabel(axis_names[0])
+        ax.set_ylabel(axis_names[1])
+    figure.suptitle(f"{atlas.out_dir.name}: {method.upper()} of the scPRINT-2 embedding, {len(rows):,} of "
+                    f"{atlas.n_cells:,} cells")  # fmt: skip
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _scatter_by_category(ax, coords: np.ndarray, values: np.ndarray, n_shown: int = 15) -> None:
+    import matplotlib.pyplot as plt
+
+    names, counts = np.unique(values, return_counts=True)
+    shown = list(names[np.argsort(-counts, kind="stable")][:n_shown])
+    colours = plt.get_cmap("tab20").colors
+    rest = ~np.isin(values, shown)
+    if rest.any():
+        ax.scatter(*coords[rest].T, s=3, color="lightgrey", label=f"other ({len(names) - len(shown)})", rasterized=True)
+    for i, name in enumerate(shown):
+        mask = values == name
+        ax.scatter(*coords[mask].T, s=3, color=colours[i % len(colours)], label=f"{name} ({mask.sum():,})",
+                   rasterized=True)  # fmt: skip
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=4, fontsize=8, frameon=False)
+
+
+def _plot_score_histograms(histograms: pd.DataFrame, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    classes = list(dict.fromkeys(histograms["class"]))
+    n_columns = min(3, max(len(classes), 1))
+    n_rows = max(1, -(-len(classes) // n_columns))
+    figure, axes = plt.subplots(n_rows, n_columns, figsize=(5 * n_columns, 3.2 * n_rows), squeeze=False)
+    for ax, name in zip(axes.flat, classes):
+        mine = histograms[histograms["class"] == name]
+        used = mine.loc[mine["n_cells"] > 0]
+        for rank, group in mine.groupby("rank"):
+            ax.stairs(group["n_cells"], np.append(group["bin_start"], group["bin_stop"].iloc[-1]), label=f"top-{rank}")
+        if len(used):  # zoom on the scores present, keeping a little room
+            low, high = used["bin_start"].min(), used["bin_stop"].max()
+            pad = max(0.02, 0.05 * (high - low))
+            ax.set_xlim(max(0.0, low - pad), min(1.0, high + pad))
+        ax.set_title(name.replace("_", " "))
+        ax.set_xlabel("score")
+        ax.set_ylabel("cells")
+        ax.legend(fontsize=8, frameon=False)
+    for ax in list(axes.flat)[len(classes):]:
+        ax.set_visible(False)
+    figure.suptitle("scores of the top-1/2/3 labels per class (sigmoid of each label's logit)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _plot_cell_type_by_tissue(atlas: Atlas, crosstab: pd.DataFrame, path: Path, max_rows: int = 30,
+                              max_columns: int = 20) -> Path:  # fmt: skip
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    try:
+        other = short_name(atlas.class_name("tissue"))
+    except ValueError:
+        other = next((c for c in crosstab["class"].unique()), None)
+    mine = crosstab[crosstab["class"] == other]
+    matrix = mine.pivot_table(index="cell_type_name", columns="name", values="n_cells", aggfunc="sum", fill_value=0)
+    matrix = matrix.loc[matrix.sum(axis=1).sort_values(ascending=False).index[:max_rows],
+                        matrix.sum(axis=0).sort_values(ascending=False).index[:max_columns]]  # fmt: skip
+    counts = matrix.to_numpy()
+    figure, ax = plt.subplots(figsize=(max(6.5, 3.5 + 0.55 * counts.shape[1]), max(4.0, 2.2 + 0.35 * counts.shape[0])))
+    norm = LogNorm(vmin=1, vmax=max(int(counts.max(initial=0)), 2))
+    image = ax.imshow(np.where(counts > 0, counts, np.nan), cmap="viridis", aspect="auto", norm=norm)
+    ax.set_xticks(range(counts.shape[1]), matrix.columns, rotation=45, ha="right")
+    ax.set_yticks(range(counts.shape[0]), matrix.index)
+    for (i, j), value in np.ndenumerate(counts):
+        if value:
+            ax.text(j, i, f"{value:,}", ha="center", va="center", fontsize=7,
+                    color="black" if norm(value) > 0.6 else "white")  # fmt: skip
+    cell_type = short_name(cell_type_class(atlas)).replace("_", " ")
+    ax.set_xlabel(f"predicted {other} (top-1)")
+    ax.set_ylabel(f"predicted {cell_type} (top-1)")
+    figure.colorbar(image, ax=ax, label="cells")
+    ax.set_title(f"cells per predicted {cell_type} and {other}\n{atlas.n_cells:,} cells, {atlas.parts['dataset'].nunique()} "
+                 "datasets", fontsize=10)  # fmt: skip
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+def linear_probe(atlas: Atlas, label: str, block: str | None = None, max_cells: int = 100_000,
+                 test_size: float = 0.25, seed: int = 0) -> dict:  # fmt: skip
+    """Train a logistic-regression probe on the embeddings against a source ``obs`` column.
+
+    Up to ``max_cells`` atlas cells are drawn at random; those whose source
+    dataset has the column ``label`` (and a value there) are kept, and labels
+    with fewer than 2 cells dropped. The cells are split, stratified by label,
+    into a training and a held-out set (``test_size``, fixed ``seed``); the
+    embedding (a ``block`` or all columns) is standardized on the training set.
+
+    Returns
+    -------
+    dict
+        ``accuracy``, ``macro_f1`` on the held-out cells, and the same for the
+        majority-class baseline (``baseline_accuracy``, ``baseline_macro_f1``),
+        with the numbers of cells, labels and datasets used.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    if block is not None:
+        atlas.block_columns(block)  # an unknown block fails before the source files are read
+    rows = atlas.sample(max_cells, seed)
+    values = atlas.source_obs(label, rows)[label]
+    labelled = values.notna().to_numpy() & (values.astype(str).str.strip() != "").to_numpy()
+    if not labelled.any():
+        raise ValueError(f"{atlas.out_dir}: no source dataset has cells with an obs column {label!r}")
+    rows, y = rows[labelled], values.to_numpy()[labelled].astype(str)
+    names, counts = np.unique(y, return_counts=True)
+    kept = np.isin(y, names[counts >= 2])
+    rows, y = rows[kept], y[kept]
+    n_labels = len(np.unique(y))
+    if n_labels < 2:
+        raise ValueError(f"{atlas.out_dir}: obs column {label!r} has fewer than 2 labels with 2 or more cells")
+    n_test = max(int(round(test_size * len(y))), n_labels)
+    if len(y) - n_test < n_labels:
+        raise ValueError(f"{atlas.out_dir}: {len(y)} labelled cells are too few for a stratified split of {n_labels} labels")
+    x = atlas.embedding(block, rows=rows)
+    datasets = atlas.cells(rows)["dataset"].unique()
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=n_test, stratify=y, random_state=seed)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    # small problems: one BLAS thread (threaded OpenBLAS is many times slower on small matrices on a busy machine)
+    with threadpool_limits(1 if x_train.size < 10_000_000 else None, user_api="blas"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            predicted = model.fit(x_train, y_train).predict(x_test)
+    majority = pd.Series(y_train).value_counts().index[0]
+    baseline = np.full(len(y_test), majority, dtype=object)
+    return {
+        "label": label,
+        "block": "all" if block is None else block,
+        "n_columns": int(x.shape[1]),
+        "n_cells": int(len(y)),
+        "n_train": int(len(y_train)),
+        "n_test": int(len(y_test)),
+        "n_labels": int(n_labels),
+        "n_labels_dropped": int((counts < 2).sum()),
+        "datasets": sorted(int(d) for d in datasets),
+        "accuracy": float(accuracy_score(y_test, predicted)),
+        "macro_f1": float(f1_score(y_test, predicted, average="macro", zero_division=0)),
+        "baseline_label": str(majority),
+        "baseline_accuracy": float(accuracy_score(y_test, baseline)),
+        "baseline_macro_f1": float(f1_score(y_test, baseline, average="macro", zero_division=0)),
+        "converged": not any(issubclass(w.category, ConvergenceWarning) for w in caught),
+        "seed": seed,
+    }
+
+
+def write_probe(result: dict, out_dir: str | Path) -> Path:
+    """Write a probe result as ``probe_<label>.json`` under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"probe_{result['label']}.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
+def probe_report(result: dict) -> str:
+    return (
+        f"linear probe of obs[{result['label']!r}] on the embedding ({result['block']}, {result['n_columns']} columns): "
+        f"{result['n_cells']:,} cells of {len(result['datasets'])} dataset(s), {result['n_labels']} labels"
+        + (f" ({result['n_labels_dropped']} with a single cell left out)" if result["n_labels_dropped"] else "")
+        + f"\nheld out {result['n_test']:,} cells: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}"
+        f"\nmajority-class baseline ({result['baseline_label']!r}): accuracy {result['baseline_accuracy']:.3f}, "
+        f"macro-F1 {result['baseline_macro_f1']:.3f}"
+        + ("" if result["converged"] else "\n(the logistic regression did not converge in 2000 iterations)")
+    )
