@@ -124,7 +124,7 @@ def summary_tables(atlas: Atlas) -> dict[str, pd.DataFrame]:
                                                     "bin_stop": bins[1:], "n_cells": per_rank}))  # fmt: skip
         if info["k"] >= 2:
             summary["median_margin"] = _histogram_median(margins[name], bins)
-            ambiguous_bins = int(round(AMBIGUOUS_MARGIN * N_SCORE_BINS))
+            ambiguous_bins = round(AMBIGUOUS_MARGIN * N_SCORE_BINS)
             summary["share_ambiguous"] = margins[name][:ambiguous_bins].sum() / n_cells if n_cells else np.nan
             summary["share_top2_above_half"] = top2_above_half[name] / n_cells if n_cells else np.nan
             square = pairs[name].reshape(info["n_labels"], info["n_labels"])
@@ -158,9 +158,9 @@ def summary_report(atlas: Atlas, tables: dict[str, pd.DataFrame], n_top: int = 3
     """A short text report: cells, datasets, and per class its most predicted labels and score figures."""
     datasets = tables["datasets"]
     lines = [
-        f"atlas {atlas.out_dir}  run {atlas.run}: {len(atlas.parts)}/{atlas.n_planned_parts} parts done, "
-        f"{atlas.n_cells:,} cells embedded, {int(datasets['n_dropped'].sum()):,} dropped, "
-        f"{int((datasets['n_embedded'] > 0).sum())}/{len(datasets)} datasets with cells",
+        (f"atlas {atlas.out_dir}  run {atlas.run}: {len(atlas.parts)}/{atlas.n_planned_parts} parts done, "
+         f"{atlas.n_cells:,} cells embedded, {int(datasets['n_dropped'].sum()):,} dropped, "
+         f"{int((datasets['n_embedded'] > 0).sum())}/{len(datasets)} datasets with cells"),
         f"{'class':<12} {'labels':>6} {'used':>5} {'top-1':>6} {'margin':>6} {'ambig.':>6}  most predicted (top-1 share)",
     ]
     labels = tables["labels"]
@@ -447,7 +447,7 @@ def linear_probe(atlas: Atlas, label: str, block: str | None = None, max_cells: 
     n_labels = len(np.unique(y))
     if n_labels < 2:
         raise ValueError(f"{atlas.out_dir}: obs column {label!r} has fewer than 2 labels with 2 or more cells")
-    n_test = max(int(round(test_size * len(y))), n_labels)
+    n_test = max(round(test_size * len(y)), n_labels)
     if len(y) - n_test < n_labels:
         raise ValueError(f"{atlas.out_dir}: {len(y)} labelled cells are too few for a stratified split of {n_labels} labels")
     x = atlas.embedding(block, rows=rows)
@@ -455,19 +455,19 @@ def linear_probe(atlas: Atlas, label: str, block: str | None = None, max_cells: 
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=n_test, stratify=y, random_state=seed)
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     # small problems: one BLAS thread (threaded OpenBLAS is many times slower on small matrices on a busy machine)
-    with threadpool_limits(1 if x_train.size < 10_000_000 else None, user_api="blas"):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            predicted = model.fit(x_train, y_train).predict(x_test)
+    threads = 1 if x_train.size < 10_000_000 else None
+    with threadpool_limits(threads, user_api="blas"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        predicted = model.fit(x_train, y_train).predict(x_test)
     majority = pd.Series(y_train).value_counts().index[0]
     baseline = np.full(len(y_test), majority, dtype=object)
     return {
         "label": label,
         "block": "all" if block is None else block,
         "n_columns": int(x.shape[1]),
-        "n_cells": int(len(y)),
-        "n_train": int(len(y_train)),
-        "n_test": int(len(y_test)),
+        "n_cells": len(y),
+        "n_train": len(y_train),
+        "n_test": len(y_test),
         "n_labels": int(n_labels),
         "n_labels_dropped": int((counts < 2).sum()),
         "datasets": sorted(int(d) for d in datasets),

@@ -85,7 +85,7 @@ def test_decoded_labels_match_the_vocabulary_of_atlas_json(atlas_dir, parts):
             elif not term.startswith("NCBITaxon:"):  # loading NCBITaxon takes ~15 s; its names are checked below
                 assert name == parser.get_term_label(term)
         ids = top3[:, info["start"] : info["start"] + info["k"]]
-        assert (atlas.decode(info["name"], ids) == np.vectorize(lambda i: vocabulary[str(i)])(ids)).all()
+        assert (atlas.decode(info["name"], ids) == np.vectorize(vocabulary.__getitem__)(ids.astype(str))).all()
     assert set(atlas.predictions()["cell_type_top1"]) <= set(meta["labels"]["cell_type_ontology_term_id"].values())
     organisms = atlas.labels("organism").set_index("term")["name"]
     assert organisms.get("NCBITaxon:9606", "Homo sapiens") == "Homo sapiens"
