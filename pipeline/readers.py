@@ -374,7 +374,7 @@ def _build_count_matrix(path, root, counts, kind, h5_file):
             findings.append(message)
         rows_source = csc.to_memory().tocsr()
     elif _sparse_format(element) == "csr":
-        rows_source = anndata.io.sparse_dataset(element)
+        rows_source = _CSRRows(element)
 
     return CountMatrix(
         path=path,
@@ -389,6 +389,36 @@ def _build_count_matrix(path, root, counts, kind, h5_file):
         _file=h5_file,
         _rows_source=rows_source,
     )
+
+
+HULL_READ_VALUES = 100_000  # read scattered rows as one block when it holds at most this many values
+
+
+class _CSRRows:
+    """Row access to an on-disk CSR group: row ranges read straight from h5py, other selections via anndata."""
+
+    def __init__(self, group):
+        self.group = group
+        self.shape = tuple(int(n) for n in group.attrs["shape"])
+        self.indptr = group["indptr"][:]
+        self._any_rows = anndata.io.sparse_dataset(group)
+
+    def __getitem__(self, selection):
+        if isinstance(selection, slice):
+            return self._read_range(selection.start, selection.stop)
+        rows = np.asarray(selection)  # sorted, unique (read_rows_at)
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        span = int(self.indptr[hi] - self.indptr[lo])
+        wanted = int((self.indptr[rows + 1] - self.indptr[rows]).sum())
+        if span <= max(4 * wanted, HULL_READ_VALUES):  # one sequential read beats many small ones
+            return self._read_range(lo, hi)[rows - lo]
+        return self._any_rows[rows]
+
+    def _read_range(self, start, stop):
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        indptr = self.indptr[start : stop + 1] - lo
+        data, indices = self.group["data"][lo:hi], self.group["indices"][lo:hi]
+        return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.shape[1]))
 
 
 def check_not_peaks(path, feature_names):

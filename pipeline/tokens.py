@@ -149,9 +149,20 @@ def _select_densely(counts: sp.csr_matrix, key: np.uint64, length: int, neighbor
 
 
 def lookup(matrix: sp.csr_matrix, rows: np.ndarray, genes: np.ndarray) -> np.ndarray:
-    """``matrix[rows[i], genes[i, j]]`` as a float32 [len(rows), n_tokens] array, without densifying."""
-    flat_rows = np.repeat(rows, genes.shape[1])
-    values = np.asarray(matrix[flat_rows, genes.ravel()]).ravel()
+    """``matrix[rows[i], genes[i, j]]`` as a float32 [len(rows), n_tokens] array, without densifying.
+
+    Every stored entry gets the key ``row * n_columns + column`` (sorted, as the
+    CSR is), and each query is a binary search for its key.
+    """
+    matrix = matrix.tocsr()
+    matrix.sort_indices()
+    n_columns = matrix.shape[1]
+    entry_rows = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
+    entry_keys = entry_rows * n_columns + matrix.indices
+    query = (np.asarray(rows, dtype=np.int64)[:, None] * n_columns + genes).ravel()
+    at = np.minimum(np.searchsorted(entry_keys, query), max(len(entry_keys) - 1, 0))
+    found = entry_keys[at] == query if len(entry_keys) else np.zeros(len(query), dtype=bool)
+    values = np.where(found, matrix.data[at] if len(entry_keys) else 0, 0)
     return values.reshape(genes.shape).astype(np.float32)
 
 
