@@ -185,10 +185,10 @@ class CellsPerSecondBar(TQDMProgressBar):
 def plan_run(cfg: DictConfig, vocabulary: dict[str, list[str]]) -> tuple[list[DatasetPlan], list[Unit]]:
     """Plan every dataset and the units; reuse the stored unit plan of ``out_dir`` if there is one."""
     inputs = resolve_inputs(cfg.input if cfg.input else str(DEMO_DATASET))  # (path, a catalog row's settings)
-    paths = [path for path, _ in inputs]
+    paths = [os.path.abspath(path) for path, _ in inputs]  # datasets.parquet must not depend on the cwd
     stored_units, stored_paths = manifest.read_units(cfg.out_dir)
     for dataset, path in stored_paths.items():
-        if dataset >= len(paths) or os.path.abspath(paths[dataset]) != os.path.abspath(path):
+        if dataset >= len(paths) or paths[dataset] != os.path.abspath(path):
             raise ValueError(
                 f"{cfg.out_dir} was planned with dataset {dataset} = {path}, but the inputs now give "
                 f"{paths[dataset] if dataset < len(paths) else 'nothing'}; keep the input list (new inputs may "
@@ -196,7 +196,7 @@ def plan_run(cfg: DictConfig, vocabulary: dict[str, list[str]]) -> tuple[list[Da
             )
     settings = OmegaConf.to_container(cfg.data, resolve=True)
     datasets = [plan_dataset(i, path, vocabulary, {**settings, **overrides})
-                for i, (path, overrides) in enumerate(inputs)]  # fmt: skip
+                for i, (path, (_, overrides)) in enumerate(zip(paths, inputs))]  # fmt: skip
     for ds in datasets:
         if ds.status == "failed":
             log.error("%s", ds.error)
