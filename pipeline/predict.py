@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from models import build_model
 from pipeline import manifest
+from pipeline.atlas import term_names
 from pipeline.plan import DatasetPlan, Unit, make_units, plan_dataset, resolve_inputs
 
 log = logging.getLogger(__name__)
@@ -231,8 +232,8 @@ def settings_fingerprint(cfg: DictConfig, model) -> dict:
     }
 
 
-def atlas_description(cfg: DictConfig, model, run: int, runs: list[dict]) -> dict:
-    """The content of ``atlas.json``."""
+def atlas_description(cfg: DictConfig, model, run: int, runs: list[dict], with_names: bool = False) -> dict:
+    """The content of ``atlas.json``; ``with_names`` adds ``label_names`` (term -> ontology name, a slow first lookup)."""
     config = model.config
     blocks, start = [], 0
     for name, width in config.embedding_blocks:
@@ -242,7 +243,7 @@ def atlas_description(cfg: DictConfig, model, run: int, runs: list[dict]) -> dic
     for name, k in config.topk.items():
         classes.append({"name": name, "k": k, "start": col, "n_labels": config.classes[name]})
         col += k
-    return {
+    description = {
         "format": "scprint-atlas/1",
         "tool_version": tool_version(),
         "embedding_width": start,
@@ -263,6 +264,9 @@ def atlas_description(cfg: DictConfig, model, run: int, runs: list[dict]) -> dic
         "run": run,
         "runs": runs,
     }
+    if with_names:
+        description["label_names"] = term_names(t for labels in description["labels"].values() for t in labels.values())
+    return description
 
 
 def run_predict(cfg: DictConfig) -> int:
@@ -316,7 +320,7 @@ def run_predict(cfg: DictConfig) -> int:
         return EXIT_OK
     table = write_datasets_table(out_dir, datasets, units, run)
     entry["attempts"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    manifest.write_json(out_dir / "atlas.json", atlas_description(cfg, model, run, runs))
+    manifest.write_json(out_dir / "atlas.json", atlas_description(cfg, model, run, runs, with_names=True))
     print_summary(out_dir, table, units, run)
     return EXIT_DATASETS_FAILED if (table.status == "failed").any() else EXIT_OK
 
