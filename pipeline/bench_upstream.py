@@ -176,7 +176,8 @@ def compare_upstream(
       eval: stochastic outputs, ``upstream_shipped_max_abs_diff`` away);
     - ``ratio`` = ours / upstream, ``ratio_one_forward``, ``ratio_shipped`` (ours / upstream as shipped);
     - ``max_abs_diff`` (embeddings and logits, both ways of running ours), ``flops_per_cell``;
-    - the seconds of every timed batch and the load average before and after (shared machines).
+    - the seconds of every timed batch, and the 1-minute load average before the run and at its end
+      (which counts this run itself): other processes on the CPU skew every figure.
 
     Raises
     ------
