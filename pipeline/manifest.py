@@ -115,16 +115,17 @@ def run_dir(out_dir, run: int) -> Path:
 
 def done_parts(out_dir, run: int) -> dict[int, dict]:
     """part id -> its done record, for one run."""
-    records = {}
-    for path in sorted(run_dir(out_dir, run).glob("part_*.done.json")):
-        record = read_json(path)
-        records[int(record["part"])] = record
-    return records
+    return _part_records(out_dir, run, "done")
 
 
 def failed_parts(out_dir, run: int) -> dict[int, dict]:
+    """part id -> its failure record (unit, rank, error), for one run."""
+    return _part_records(out_dir, run, "failed")
+
+
+def _part_records(out_dir, run: int, kind: str) -> dict[int, dict]:
     records = {}
-    for path in sorted(run_dir(out_dir, run).glob("part_*.failed.json")):
+    for path in sorted(run_dir(out_dir, run).glob(f"part_*.{kind}.json")):
         record = read_json(path)
         records[int(record["part"])] = record
     return records
