@@ -28,6 +28,7 @@ import os
 import pickle
 import zipfile
 from contextlib import contextmanager
+from typing import ClassVar
 
 import h5py
 import numpy as np
@@ -178,8 +179,8 @@ def open_10x_h5(path, counts="auto"):
             ids, names, types = _text(group["genes"][:]), _text(group["gene_names"][:]), None
         n_columns = group["indptr"].shape[0] - 1
         if (len(ids), len(barcodes), n_columns) != (n_features, n_barcodes, n_barcodes):
-            raise DatasetError(path, f"{group_name}/shape is {n_features} features x {n_barcodes} barcodes, but it "
-                               f"lists {len(ids)} features, {len(barcodes)} barcodes and {n_columns} indptr columns")  # fmt: skip
+            raise DatasetError(path, f"{group_name}/shape is {n_features} features x {n_barcodes} barcodes, but it lists "
+                               f"{len(ids)} features, {len(barcodes)} barcodes and {n_columns} indptr columns")  # fmt: skip
         var, keep, findings = _tenx_var(path, ids, names, types)
         rows = _CsrRows(group, n_features, keep)
         return _count_matrix(path, group_name, pd.Index(barcodes, name="barcode"), var, rows, h5_file, findings)
@@ -271,8 +272,8 @@ def open_sparse_pair(path, counts="auto"):
         values = sp.load_npz(values_path).tocsr()
         cells, genes = _npz_names(names_path, "index"), _npz_names(names_path, "columns")
     if values.shape != (len(cells), len(genes)):
-        raise DatasetError(path, f"{location} is {values.shape[0]} x {values.shape[1]}, but "
-                           f"{os.path.basename(names_path)} names {len(cells)} cells and {len(genes)} columns")  # fmt: skip
+        raise DatasetError(path, f"{location} is {values.shape[0]} x {values.shape[1]}, but {os.path.basename(names_path)} "
+                           f"names {len(cells)} cells and {len(genes)} columns")  # fmt: skip
     var = table_var(path, genes)
     findings = _in_memory_findings(path, location, values.nnz)
     return _count_matrix(path, location, pd.Index(cells, name="cell_id"), var, values, None, findings)
@@ -347,8 +348,8 @@ def _tenx_var(path, ids, names, types):
         raise DatasetError(path, f"has no {GENE_EXPRESSION} features (only {', '.join(kinds.index)}): scPRINT-2 "
                            "embeds gene expression")  # fmt: skip
     left_out = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
-    return var[is_rna], np.flatnonzero(is_rna), [f"kept the {int(is_rna.sum())} {GENE_EXPRESSION} features; "
-                                                 f"left out {left_out}"]  # fmt: skip
+    finding = f"kept the {int(is_rna.sum())} {GENE_EXPRESSION} features; left out {left_out}"
+    return var[is_rna], np.flatnonzero(is_rna), [finding]
 
 
 # ----------------------------------------------------------------------------- row readers
@@ -375,7 +376,8 @@ class _CsrRows:
                 data.append(self.data[start:stop])
                 indices.append(self.indices[start:stop])
         indptr = np.concatenate([[0], np.cumsum(self.indptr[rows + 1] - self.indptr[rows])])
-        block = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr), shape=(rows.size, self.n_columns))
+        shape = (rows.size, self.n_columns)
+        block = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr), shape=shape)
         return block if self.keep_columns is None else block[:, self.keep_columns]
 
 
@@ -486,7 +488,7 @@ def _open_fixed_frame(path, h5_file, key):
     for i in range(int(group.attrs["nblocks"])):
         values, names = group[f"block{i}_values"], _text(group[f"block{i}_items"][:])
         if not isinstance(values, h5py.Dataset) or values.dtype.kind not in "biuf":
-            raise DatasetError(path, f"{key} has non-numeric columns (e.g. {names[0]}); a counts table holds numbers")
+            raise DatasetError(path, f"{key} has non-numeric columns (e.g. {names[0]}); counts are numbers")
         if values.shape != (len(cells), len(names)):
             raise DatasetError(path, f"{key}/block{i}_values is {values.shape}, not {len(cells)} rows x {len(names)}")
         blocks.append(values)
@@ -502,7 +504,7 @@ def _open_fixed_frame(path, h5_file, key):
 def _check_numeric(path, key, dtypes):
     text_columns = [str(column) for column, dtype in dtypes.items() if not is_numeric_dtype(dtype)]
     if text_columns:
-        raise DatasetError(path, f"{key} has non-numeric columns (e.g. {text_columns[0]}); a counts table holds numbers")
+        raise DatasetError(path, f"{key} has non-numeric columns (e.g. {text_columns[0]}); counts are numbers")
 
 
 def _tenx_v2_group(h5_file):
@@ -539,7 +541,7 @@ def _text(values):
 class _NamesUnpickler(pickle.Unpickler):
     """Unpickles numpy object arrays of names, and nothing else (no code from a data file runs)."""
 
-    ALLOWED = {
+    ALLOWED: ClassVar[dict] = {
         "_reconstruct": np.zeros(0).__reduce__()[0],
         "scalar": np.int64(0).__reduce__()[0],
         "ndarray": np.ndarray,

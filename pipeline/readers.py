@@ -338,7 +338,8 @@ def _open_zarr(path):
 
 def _build_count_matrix(path, root, counts, kind, h5_file):
     if "obs" not in root or "var" not in root:
-        raise DatasetError(path, f"is not {'an h5ad file' if kind == 'h5ad' else 'an AnnData zarr store'} (no obs/var tables)")
+        what = "an h5ad file" if kind == "h5ad" else "an AnnData zarr store"
+        raise DatasetError(path, f"is not {what} (no obs/var tables)")
     location = _choose_counts_location(path, root, counts)
     element = root[location]
     n_cells, n_genes = _element_shape(element)

@@ -40,13 +40,13 @@ def kaggle_frame(adata, values):
 
 
 def write_sparse_pair(stem, frame):
-    """As the popular Kaggle conversion does: save_npz(stem + '_values.sparse') (scipy appends .npz), np.savez of names."""
+    """As the popular Kaggle conversion does: save_npz(stem + '_values.sparse') (scipy adds .npz), np.savez of names."""
     sp.save_npz(f"{stem}_values.sparse", sp.csr_matrix(frame.to_numpy()))
     np.savez(f"{stem}_idxcol.npz", index=frame.index.to_numpy(), columns=frame.columns.to_numpy())
 
 
 def tenx_features(adata):
-    """Cell Ranger's features of the PBMC cells: Ensembl ids (symbols where GENCODE has none), then the 14 antibodies."""
+    """Cell Ranger's features of the PBMC cells: Ensembl ids (symbols where GENCODE has none), then 14 antibodies."""
     ids = to_ensembl(adata.var, organism="human").ids
     antibodies = list(adata.uns["protein_names"])
     return pd.DataFrame({
@@ -61,7 +61,8 @@ def write_10x_h5(path, barcodes, features, counts):
     counts = sp.csr_matrix(counts).astype(np.int32)
     with h5py.File(path, "w") as h5_file:
         matrix = h5_file.create_group("matrix")
-        matrix["data"], matrix["indices"], matrix["indptr"] = counts.data, counts.indices.astype(np.int64), counts.indptr
+        matrix["data"], matrix["indices"] = counts.data, counts.indices.astype(np.int64)
+        matrix["indptr"] = counts.indptr
         matrix["shape"] = np.array([counts.shape[1], counts.shape[0]], dtype=np.int32)
         matrix["barcodes"] = np.array(barcodes, dtype="S")
         group = matrix.create_group("features")
@@ -342,8 +343,10 @@ def test_catalog_mixing_formats_in_one_run(files, tmp_path, h5ad_atlas):
     assert datasets.dataset_id.tolist() == ["cite_day2", "pbmc_mtx", "cite_sparse", "pbmc_h5", "multiome_atac"]
     assert datasets.status.tolist() == ["done", "done", "done", "done", "failed"]
     assert datasets.n_embedded.tolist() == [600, 200, 600, 200, 0]
-    assert datasets.error[4] == (f"{files / 'train_multi_inputs.h5'}: looks like ATAC peaks, not RNA (1000 of 1000 "
-                                 "features are genomic ranges, e.g. chr1:9776-10668): scPRINT-2 embeds gene expression")  # fmt: skip
+    assert datasets.error[4] == (
+        f"{files / 'train_multi_inputs.h5'}: looks like ATAC peaks, not RNA (1000 of 1000 features are genomic "
+        "ranges, e.g. chr1:9776-10668): scPRINT-2 embeds gene expression"
+    )
     cells = atlas[1]
     assert cells[cells.dataset == 0].cell_type.notna().sum() == 500
     assert cells[cells.dataset != 0].cell_type.isna().all()
