@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from models.checkpoint import file_sha256
 from pipeline import manifest
 from pipeline.plan import Unit
 
@@ -130,7 +131,7 @@ def validate(out_dir: str | Path, run: int | None = None) -> list[str]:
         if missing:
             problems.append(f"part {part}: missing files {missing}")
             continue
-        corrupt = [f for f, digest in record["files"].items() if manifest.file_digest(out_dir / f) != digest]
+        corrupt = [f for f, digest in record["files"].items() if file_sha256(out_dir / f) != digest]
         if corrupt:
             problems.append(f"part {part}: files changed since written (checksum mismatch): {corrupt}")
             continue

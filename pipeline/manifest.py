@@ -16,7 +16,6 @@ file's size and sha256 so ``scatlas validate`` can check them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -58,14 +57,6 @@ def write_json(path: str | Path, payload: dict) -> None:
 
 def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def remove_temporaries(out_dir: str | Path) -> int:

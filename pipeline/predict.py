@@ -18,11 +18,12 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pandas as pd
-from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from models import build_model
+from models.checkpoint import file_sha256
 from pipeline import manifest
 from pipeline.atlas import term_names
 from pipeline.plan import DatasetPlan, Unit, make_units, plan_dataset, resolve_inputs
@@ -149,11 +150,11 @@ def write_part(out_dir: Path, run: int, unit: Unit, rank: int, state: dict, conf
     for name, array in arrays.items():
         path = out_dir / f"{stem}_{name}.npz"
         manifest.atomic_write(path, lambda tmp, a=array, n=name: _save_npz(tmp, n, a))
-        files[path.name] = manifest.file_digest(path)
+        files[path.name] = file_sha256(path)
     for name, table in (("cells", cells), ("dropped", dropped)):
         path = out_dir / f"{stem}_{name}.parquet"
         manifest.atomic_write(path, lambda tmp, t=table: t.to_parquet(tmp, index=False))
-        files[path.name] = manifest.file_digest(path)
+        files[path.name] = file_sha256(path)
     return {
         "part": unit.part, "dataset": unit.dataset, "start": unit.start, "stop": unit.stop, "rank": rank,
         "stem": stem, "n_cells": len(cells), "n_dropped": len(dropped), "files": files,

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from models.checkpoint import file_sha256
 from pipeline import manifest
 from pipeline.atlas import load_state, read_part, validate
 
@@ -186,7 +187,7 @@ def test_validate_catches_duplicated_and_missing_cells_even_with_matching_checks
     cells = pd.read_parquet(cells_path)
     cells.loc[1, "row"] = cells.loc[0, "row"]  # one cell twice, another missing
     cells.to_parquet(cells_path, index=False)
-    record["files"][cells_path.name] = manifest.file_digest(cells_path)  # a consistent-looking marker
+    record["files"][cells_path.name] = file_sha256(cells_path)  # a consistent-looking marker
     manifest.mark_done(copy, state.run, record)
     problems = validate(copy)
     assert any(f"part {record['part']}: cells embedded + dropped" in p for p in problems), problems
@@ -194,6 +195,6 @@ def test_validate_catches_duplicated_and_missing_cells_even_with_matching_checks
     with np.load(embs_path) as npz:
         np.savez(embs_path.with_suffix(".tmp.npz"), embs=npz["embs"][:-1])
     embs_path.with_suffix(".tmp.npz").replace(embs_path)
-    record["files"][embs_path.name] = manifest.file_digest(embs_path)
+    record["files"][embs_path.name] = file_sha256(embs_path)
     manifest.mark_done(copy, state.run, record)
     assert any(f"part {record['part']}: row counts disagree" in p for p in validate(copy))
