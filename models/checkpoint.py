@@ -246,14 +246,22 @@ def load_checkpoint(path: str | Path) -> ScPrint2:
     return model.eval()
 
 
-def save_checkpoint(model: ScPrint2, path: str | Path) -> Path:
-    """Write ``model`` as a published-layout Lightning checkpoint (atomically)."""
+def save_checkpoint(model: ScPrint2, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` as a published-layout Lightning checkpoint (atomically).
+
+    ``dtype`` (e.g. ``torch.float16``) stores the floating-point tensors in that
+    type, to make the file smaller; :func:`load_checkpoint` copies them into the
+    float32 network.
+    """
     path = Path(path)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     ckpt = {
         "epoch": 0,
         "global_step": 0,
         "pytorch-lightning_version": "2.6.6",
-        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "state_dict": state,
         "hyper_parameters": hyper_parameters(model.config),
         "callbacks": {},
         "optimizer_states": [],

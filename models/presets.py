@@ -4,8 +4,9 @@
   ``medium`` adds ``pretrain_medium`` (``v2-medium.ckpt``), ``large`` adds
   ``pretrain_large``.
 - ``tiny`` is the same architecture with small widths and two layers, for tests
-  and the demo: its weights are drawn from a fixed seed, so it runs anywhere
-  without a download.
+  and the demo. The package ships one trained ``tiny`` network,
+  :data:`DEMO_CHECKPOINT` (``checkpoint="demo"``), made by ``scatlas
+  train-demo`` from real labelled cells: it predicts cell types and organism.
 
 Without a checkpoint, a preset gets random weights (for benchmarks and tests),
 its vocabulary is the human + mouse protein-coding genes of GENCODE (human v48,
@@ -58,6 +59,9 @@ DEMO_LABELS = {
     "organism_ontology_term_id": ["NCBITaxon:9606", "NCBITaxon:10090", "NCBITaxon:9541"],
     "cell_culture": ["False", "True"],
 }  # fmt: skip
+
+#: The trained ``tiny`` network the package ships (``build_model("tiny", checkpoint="demo")``).
+DEMO_CHECKPOINT = Path(__file__).parent / "data" / "tiny-demo.ckpt"
 
 PRESETS = {
     "tiny": dict(d_model=32, nhead=4, num_heads_kv=2, nlayers=2, d_model_cell=32, nhead_cell=4,
@@ -123,10 +127,14 @@ def build_model(name: str = "tiny", checkpoint: str | Path | None = None, seed: 
         Preset name (``tiny``, ``small``, ``medium``, ``large``); with a
         checkpoint, only used to check that the shapes agree (a warning).
     checkpoint
-        Path of a published-layout checkpoint (``small-v2.ckpt``, ``v2-medium.ckpt``...).
+        Path of a published-layout checkpoint (``small-v2.ckpt``, ``v2-medium.ckpt``...),
+        or ``"demo"``: the trained ``tiny`` network shipped in the package
+        (:data:`DEMO_CHECKPOINT`, the default of ``model=tiny``).
     seed
         Seed of the random weights when there is no checkpoint.
     """
+    if checkpoint == "demo":
+        checkpoint = DEMO_CHECKPOINT
     if checkpoint:
         model = load_checkpoint(checkpoint)
         expected = PRESETS.get(name, {})

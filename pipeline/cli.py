@@ -7,6 +7,7 @@
     scatlas summarize ATLAS_DIR       tables of predicted labels per dataset, cell type x tissue/..., scores
     scatlas plot ATLAS_DIR            PNGs: PCA/UMAP of a cell sample, score histograms, cell type x tissue
     scatlas probe ATLAS_DIR --label COLUMN   linear probe of the embeddings against a source obs column
+    scatlas train-demo [--out-dir DIR]      re-train the shipped tiny demo checkpoint (CPU, minutes, deterministic)
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def _atlas_args(command: str, argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def train_demo(argv: list[str]) -> int:
+    from pipeline.train_demo import main as run_train_demo
+
+    return run_train_demo(argv)
+
+
 def bench(argv: list[str]) -> int:
     from pipeline.bench import main as run_bench
 
@@ -158,7 +165,7 @@ def _open(parser: argparse.ArgumentParser, argv: list[str]):
 
 
 COMMANDS = {"predict": predict, "status": status, "validate": validate, "bench": bench, "summarize": summarize,
-            "plot": plot, "probe": probe}  # fmt: skip
+            "plot": plot, "probe": probe, "train-demo": train_demo}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
