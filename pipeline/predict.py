@@ -365,4 +365,8 @@ def print_summary(out_dir: Path, table: pd.DataFrame, units: list[Unit], run: in
     )
     for row in table[table.status == "failed"].itertuples():
         console.print(f"[red]failed[/red] {row.error}")
+    from pipeline.train_demo import heldout_report  # the demo model: its labels and held-out accuracy
+
+    for line in heldout_report(out_dir, run):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(f"read it: scatlas status {out_dir}  |  scatlas validate {out_dir}")

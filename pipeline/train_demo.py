@@ -306,7 +306,6 @@ def evaluate(model, plans, cells: pd.DataFrame, held_out: np.ndarray, work_dir: 
 
 def train_demo(out_dir: Path) -> dict:
     """Train, save and evaluate the demo checkpoint; returns the metrics written next to it."""
-    started = time.time()
     torch.manual_seed(WEIGHT_SEED)
     torch.use_deterministic_algorithms(True)
     threads = torch.get_num_threads()
@@ -344,7 +343,7 @@ def train_demo(out_dir: Path) -> dict:
             "gene_embedding_learning_rate": GENE_EMBEDDING_LEARNING_RATE, "weight_decay": WEIGHT_DECAY,
             "gradient_clip": GRADIENT_CLIP, "held_out_fraction": HELD_OUT_FRACTION,
             "split_seed": SPLIT_SEED, "weight_seed": WEIGHT_SEED, "loss_per_epoch": [round(x, 5) for x in losses],
-            "predict_settings": PREDICT_SETTINGS, "torch": torch.__version__, "seconds": round(time.time() - started),
+            "predict_settings": PREDICT_SETTINGS, "torch": torch.__version__,
         },
     }  # fmt: skip
     (out_dir / f"{STEM}.metrics.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -387,7 +386,7 @@ def heldout_report(out_dir: Path, run: int) -> list[str]:
     names = dict(zip(table.term, table.cl_name.where(table.cl_name != "", table.term)))
     predicted = pd.Series([decoders[CELL_TYPE][int(code)] for code in top[CELL_TYPE][:, 0]]).value_counts()
     lines = [
-        f"predicted cell types of {len(cells)} cells of {', '.join(sorted(set(files.values())))}: "
+        f"most predicted cell types ({len(cells)} cells): "
         + ", ".join(f"{names.get(term, term)} {n}" for term, n in predicted.head(6).items())
     ]
     cells["file"] = cells.dataset.map(files)
@@ -395,7 +394,7 @@ def heldout_report(out_dir: Path, run: int) -> list[str]:
     test = cells.merge(split, on=["file", "row", "obs_name"])
     if len(test):
         metrics = accuracy(test, {c: v[test.position.to_numpy()] for c, v in top.items()}, decoders)
-        lines.append(f"on its {len(test)} held-out cells (never seen in training, {split_path.name}): {describe(metrics)}")
+        lines.append(f"held-out cells ({len(test)}, not used in training; {split_path.name}): {describe(metrics)}")
     return lines
 
 
@@ -409,8 +408,9 @@ def main(argv: list[str]) -> int:
                         help="where tiny-demo.ckpt, .metrics.json and .heldout.csv are written (default: ./tiny-demo)")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.time()
     record = train_demo(args.out_dir)
-    print(f"wrote {args.out_dir / record['checkpoint']} (sha256 {record['checkpoint_sha256'][:12]}...), "
+    print(f"trained in {time.time() - started:.0f} s; wrote {args.out_dir / record['checkpoint']} (sha256 {record['checkpoint_sha256'][:12]}...), "
           f"its metrics and its held-out split")  # fmt: skip
     print(f"held-out ({record['n_held_out_cells']} cells): {describe(record['held_out']['all'])}")
     shipped = DEMO_CHECKPOINT.with_suffix(".metrics.json")

@@ -25,8 +25,9 @@ def scatlas(*args):
 @pytest.fixture(scope="session")
 def atlas_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis") / "atlas"
+    # random weights (model.checkpoint=null): the tiny preset with all nine classes, not the two-class demo model
     proc = scatlas("predict", f"input=[{','.join(map(str, INPUTS))}]", f"out_dir={out}", "model.max_len=64",
-                   "data.num_workers=0", "data.cells_per_unit=300")  # fmt: skip
+                   "model.checkpoint=null", "data.num_workers=0", "data.cells_per_unit=300")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

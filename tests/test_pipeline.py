@@ -12,7 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from models import load_checkpoint
 from models.checkpoint import file_sha256
+from models.presets import DEMO_CHECKPOINT
 from pipeline import manifest
 from pipeline.atlas import load_state, read_part, validate
 
@@ -55,15 +57,18 @@ def test_all_six_datasets_give_a_valid_complete_atlas(atlas_all):
     assert "valid: 8 parts" in check.stdout
     state, parts = all_parts(out)
     description = json.loads((out / "atlas.json").read_text())
-    assert description["embedding_width"] == 120 and description["top_columns"] == 23
-    assert [b["name"] for b in description["embedding_blocks"]][:2] == ["other", "cell_type_ontology_term_id"]
-    assert description["labels"]["sex_ontology_term_id"] == {"0": "PATO:0000384", "1": "PATO:0000383"}
+    config = load_checkpoint(DEMO_CHECKPOINT).config  # model=tiny is the shipped demo checkpoint
+    width, n_top = sum(w for _, w in config.embedding_blocks), sum(config.topk.values())
+    assert description["model"]["checkpoint_sha256"] == file_sha256(DEMO_CHECKPOINT)
+    assert description["embedding_width"] == width and description["top_columns"] == n_top
+    assert [b["name"] for b in description["embedding_blocks"]] == ["other", *config.classes]
+    assert description["labels"]["organism_ontology_term_id"] == {"0": "NCBITaxon:9606", "1": "NCBITaxon:10090"}
     datasets = pd.read_parquet(out / "datasets.parquet")
     assert list(datasets.status) == ["done"] * 6
     assert [Path(p).name for p in datasets.path] == [p.name for p in DATASETS]
     for part in parts.values():
         n = len(part["cells"])
-        assert part["embs"].shape == (n, 120) and part["top3"].shape == (n, 23) and part["scores"].shape == (n, 23)
+        assert part["embs"].shape == (n, width) and part["top3"].shape == part["scores"].shape == (n, n_top)
         assert np.isfinite(part["embs"]).all() and ((part["scores"] >= 0) & (part["scores"] <= 1)).all()
         assert part["top3"].min() >= 0
     # every input cell exactly once, embedded or dropped, and mapped back to its source row and name
