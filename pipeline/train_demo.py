@@ -374,7 +374,8 @@ def heldout_report(out_dir: Path, run: int) -> list[str]:
     if split_path is None or not split_path.is_file() or not {CELL_TYPE, ORGANISM} <= set(classes):
         return []
     split = pd.read_csv(split_path, keep_default_na=False)
-    files = {row.dataset: Path(row.path).name for row in state.datasets.itertuples() if Path(row.path).name in set(split.file)}
+    files = {row.dataset: Path(row.path).name for row in state.datasets.itertuples()}
+    files = {dataset: name for dataset, name in files.items() if name in set(split.file)}
     parts = [read_part(out_dir, record) for record in state.done.values() if record["dataset"] in files]
     if not parts:
         return []
@@ -404,14 +405,14 @@ def main(argv: list[str]) -> int:
         description="Train the tiny demo checkpoint on the labelled cells the package ships (CPU, a few minutes, "
         "deterministic), and write it with its held-out metrics and split.",
     )
-    parser.add_argument("--out-dir", type=Path, default=Path("tiny-demo"),
-                        help="where tiny-demo.ckpt, .metrics.json and .heldout.csv are written (default: ./tiny-demo)")  # fmt: skip
+    parser.add_argument("--out-dir", type=Path, default=Path("tiny-demo"), help="where tiny-demo.ckpt, "
+                        ".metrics.json and .heldout.csv are written (default: ./tiny-demo)")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.time()
     record = train_demo(args.out_dir)
-    print(f"trained in {time.time() - started:.0f} s; wrote {args.out_dir / record['checkpoint']} (sha256 {record['checkpoint_sha256'][:12]}...), "
-          f"its metrics and its held-out split")  # fmt: skip
+    print(f"trained in {time.time() - started:.0f} s; wrote {args.out_dir / record['checkpoint']} "
+          f"(sha256 {record['checkpoint_sha256'][:12]}...), its metrics and its held-out split")  # fmt: skip
     print(f"held-out ({record['n_held_out_cells']} cells): {describe(record['held_out']['all'])}")
     shipped = DEMO_CHECKPOINT.with_suffix(".metrics.json")
     if shipped.is_file():
