@@ -13,12 +13,13 @@ import pytest
 from pipeline.atlas import load_state, read_part
 
 DATA = Path(__file__).parent / "data"
-SMALL = [
-    DATA / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad",
-    DATA / "neurips2021_mouse_spleen_lymphnode_cite_rna_340x992.h5ad",
-    DATA / "cxg_schema5_human_heart_fixture_320x136.h5ad",
-    DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad",
-]
+HEART = DATA / "cxg_schema5_human_heart_fixture_320x136.h5ad"
+CD4T = DATA / "cxg_schema7_human_cd4t_perturbseq_500x2000.h5ad"
+BMMC = DATA / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
+SPLEEN = DATA / "neurips2021_mouse_spleen_lymphnode_cite_rna_340x992.h5ad"
+PBMC = DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"
+BRAIN = DATA / "tenx_mouse_brain_e18_10000x1000.h5ad"
+SMALL = [BMMC, SPLEEN, HEART, PBMC]
 FAST = ["data.num_workers=0", "data.cells_per_unit=100", "data.batch_size=50", "model.max_len=64"]
 
 

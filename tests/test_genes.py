@@ -1,23 +1,16 @@
 """pipeline.genes on the shipped real datasets and the GENCODE tables."""
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from pipeline.genes import ORGANISMS, gene_table, organism_id, to_ensembl, vocabulary_matrix
+from conftest import BMMC, BRAIN, CD4T, HEART, PBMC, SPLEEN
 from pipeline.readers import open_counts
 
 pytestmark = pytest.mark.filterwarnings("ignore::anndata.OldFormatWarning")
 
-DATA = Path(__file__).parent / "data"
-HEART = DATA / "cxg_schema5_human_heart_fixture_320x136.h5ad"
-CD4T = DATA / "cxg_schema7_human_cd4t_perturbseq_500x2000.h5ad"
-BMMC = DATA / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
-SPLEEN = DATA / "neurips2021_mouse_spleen_lymphnode_cite_rna_340x992.h5ad"
-PBMC = DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"
-BRAIN = DATA / "tenx_mouse_brain_e18_10000x1000.h5ad"
 
 HUMAN, MOUSE = "NCBITaxon:9606", "NCBITaxon:10090"
 

@@ -3,7 +3,6 @@
 import os
 import pickle
 import shutil
-from pathlib import Path
 
 import anndata as ad
 import h5py
@@ -12,17 +11,11 @@ import pytest
 import scipy.sparse as sp
 
 import pipeline.readers as readers
+from conftest import BMMC, BRAIN, CD4T, HEART, PBMC, SPLEEN
 from pipeline.readers import CountMatrix, DatasetError, open_counts
 
 pytestmark = pytest.mark.filterwarnings("ignore::anndata.OldFormatWarning")
 
-DATA = Path(__file__).parent / "data"
-HEART = DATA / "cxg_schema5_human_heart_fixture_320x136.h5ad"
-CD4T = DATA / "cxg_schema7_human_cd4t_perturbseq_500x2000.h5ad"
-BMMC = DATA / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
-SPLEEN = DATA / "neurips2021_mouse_spleen_lymphnode_cite_rna_340x992.h5ad"
-PBMC = DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"
-BRAIN = DATA / "tenx_mouse_brain_e18_10000x1000.h5ad"
 
 # file, cells, genes, where the raw counts are, storage of that matrix in the file
 EXPECTED = [
