@@ -17,6 +17,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.genes import to_vocabulary
 from pipeline.manifest import done_parts, mark_failed
 from pipeline.neighbors import compute_neighbors, load_neighbors, save_neighbors
 from pipeline.plan import DatasetPlan, Unit, assign_units
@@ -24,6 +25,9 @@ from pipeline.readers import DatasetError
 from pipeline.tokens import cell_keys, lookup, qc_reasons, select_genes
 
 log = logging.getLogger(__name__)
+# a worker holds a dataset's vocabulary counts in memory when it stores at most this many values (~128 MiB)
+HELD_VALUES = 16_000_000
+HELD_BLOCK_ROWS = 4096
 
 
 def neighbors_path(out_dir, dataset: int) -> Path:
@@ -56,7 +60,9 @@ class UnitBatches(Dataset):
             for start in range(unit.start, unit.stop, batch_size):
                 stop = min(start + batch_size, unit.stop)
                 self.items.append((unit, start, stop, stop == unit.stop))
-        self._neighbors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # the last dataset's neighbour graph, and its vocabulary counts when small (see _vocabulary_rows)
+        self._neighbors: tuple[int, tuple[np.ndarray, np.ndarray] | None] = (-1, None)
+        self._held: tuple[int, tuple[sp.csr_matrix, np.ndarray] | None] = (-1, None)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -74,10 +80,8 @@ class UnitBatches(Dataset):
 
     def _tokenize(self, dataset: int, start: int, stop: int) -> dict:
         ds = self.datasets[dataset]
-        raw = ds.matrix.read_rows(start, stop)
+        vocab, n_counts = self._read_cells(ds, start, stop)
         rows = np.arange(start, stop)
-        vocab = (raw @ ds.gene_map).tocsr()
-        n_counts = np.asarray(raw.sum(1)).ravel()
         n_genes = np.diff(vocab.indptr)
         reasons = qc_reasons(n_counts, n_genes, self.min_counts, self.min_genes)
         organisms = ds.cell_organisms[start:stop]
@@ -113,8 +117,11 @@ class UnitBatches(Dataset):
         else:
             knn_vocab, knn_rows, dists = self._neighbor_counts(ds, cells["row"])
             k = knn_rows.shape[1]
-            # [n, n_neighbours_read] with a 1 per (cell, neighbour): times their counts = summed neighbour counts
-            pick = sp.csr_matrix((np.ones(knn_rows.size), (np.repeat(np.arange(n), k), knn_rows.ravel())),
+            # only cells expressing fewer than max_len genes look at what their neighbours express
+            short = np.flatnonzero(np.add.reduceat(vocab.data > 0, vocab.indptr[:-1]) * (np.diff(vocab.indptr) > 0)
+                                   < length)  # fmt: skip
+            # [n, n_neighbours_read] with a 1 per (short cell, neighbour): times their counts = summed neighbour counts
+            pick = sp.csr_matrix((np.ones(short.size * k), (np.repeat(short, k), knn_rows[short].ravel())),
                                  shape=(n, knn_vocab.shape[0]))  # fmt: skip
             genes = select_genes(vocab, keys, self.max_len, (pick @ knn_vocab).tocsr())
             knn_counts = lookup(knn_vocab, knn_rows.ravel(), np.repeat(genes, k, axis=0))
@@ -130,17 +137,51 @@ class UnitBatches(Dataset):
         Missing neighbours (index -1, datasets with fewer cells than K + 1) point
         at an all-zero last row.
         """
-        if ds.dataset not in self._neighbors:
-            self._neighbors[ds.dataset] = load_neighbors(neighbors_path(self.neighbors_dir.parent, ds.dataset))
-        indices, distances = self._neighbors[ds.dataset]
+        if self._neighbors[0] != ds.dataset:
+            self._neighbors = (ds.dataset, load_neighbors(neighbors_path(self.neighbors_dir.parent, ds.dataset)))
+        indices, distances = self._neighbors[1]
         idx, dist = indices[rows], distances[rows].copy()
         unique, inverse = np.unique(idx, return_inverse=True)
         real = unique[unique >= 0]
-        counts = (ds.matrix.read_rows_at(real) @ ds.gene_map).tocsr()
+        counts = self._vocabulary_rows(ds, real)
         counts = sp.vstack([counts, sp.csr_matrix((1, counts.shape[1]), dtype=counts.dtype)]).tocsr()
         position = np.where(unique >= 0, np.searchsorted(real, unique), len(real))
         dist[idx < 0] = 0.0
         return counts, position[inverse].reshape(idx.shape), dist
+
+    def _read_cells(self, ds: DatasetPlan, start: int, stop: int) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Vocabulary counts and total counts (all genes) of rows ``[start, stop)``."""
+        held = self._hold(ds)
+        if held is not None:
+            return held[0][start:stop], held[1][start:stop]
+        raw = ds.matrix.read_rows(start, stop)
+        return to_vocabulary(raw, ds.gene_columns, ds.n_vocab), np.asarray(raw.sum(1)).ravel()
+
+    def _vocabulary_rows(self, ds: DatasetPlan, rows: np.ndarray) -> sp.csr_matrix:
+        """Vocabulary counts of sorted, unique ``rows``."""
+        held = self._hold(ds)
+        if held is not None:
+            return held[0][rows]
+        return to_vocabulary(ds.matrix.read_rows_at(rows), ds.gene_columns, ds.n_vocab)
+
+    def _hold(self, ds: DatasetPlan) -> tuple[sp.csr_matrix, np.ndarray] | None:
+        """The dataset's vocabulary and total counts, in memory, when it is small enough to hold; else None.
+
+        Neighbours are scattered over the whole dataset, so with a metacell
+        model a worker reads a dataset of at most ``HELD_VALUES`` stored values
+        once (in blocks, checked as any read) and keeps it while it works on
+        it, instead of reading each batch's neighbours from the file.
+        """
+        if self._held[0] != ds.dataset:
+            self._held = (ds.dataset, None)  # let the previous one go first
+            if self.neighbors_dir is not None and ds.matrix.n_stored <= HELD_VALUES:
+                vocab, totals = [], []
+                for start in range(0, ds.n_cells, HELD_BLOCK_ROWS):
+                    raw = ds.matrix.read_rows(start, min(start + HELD_BLOCK_ROWS, ds.n_cells))
+                    vocab.append(to_vocabulary(raw, ds.gene_columns, ds.n_vocab))
+                    totals.append(np.asarray(raw.sum(1)).ravel())
+                self._held = (ds.dataset, (sp.vstack(vocab, format="csr"), np.concatenate(totals)))
+        return self._held[1]
 
 
 class AtlasDataModule(L.LightningDataModule):

@@ -43,6 +43,7 @@ from pipeline.readers import (
     N_SAMPLE_ROWS,
     N_SAMPLE_VALUES,
     CountMatrix,
+    CSRRows,
     DatasetError,
     _read_dense_rows,
     _short_reason,
@@ -182,7 +183,7 @@ def open_10x_h5(path, counts="auto"):
             raise DatasetError(path, f"{group_name}/shape is {n_features} features x {n_barcodes} barcodes, but it lists "
                                f"{len(ids)} features, {len(barcodes)} barcodes and {n_columns} indptr columns")  # fmt: skip
         var, keep, findings = _tenx_var(path, ids, names, types)
-        rows = _CsrRows(group, n_features, keep)
+        rows = CSRRows(group["data"], group["indices"], group["indptr"], n_features, keep)
         return _count_matrix(path, group_name, pd.Index(barcodes, name="barcode"), var, rows, h5_file, findings)
 
 
@@ -353,32 +354,6 @@ def _tenx_var(path, ids, names, types):
 
 
 # ----------------------------------------------------------------------------- row readers
-
-
-class _CsrRows:
-    """Rows of a CSR matrix kept as ``data``/``indices``/``indptr`` arrays of an HDF5 group (10x ``.h5``).
-
-    10x stores features x barcodes in CSC, which is barcodes x features in
-    CSR. Runs of consecutive rows are read with one slice each.
-    """
-
-    def __init__(self, group, n_columns, keep_columns=None):
-        self.data, self.indices = group["data"], group["indices"]
-        self.indptr = group["indptr"][:].astype(np.int64)
-        self.n_columns, self.keep_columns = n_columns, keep_columns
-
-    def __getitem__(self, selection):
-        rows = np.arange(selection.start, selection.stop) if isinstance(selection, slice) else np.asarray(selection)
-        data, indices = [np.zeros(0, self.data.dtype)], [np.zeros(0, self.indices.dtype)]
-        if rows.size:
-            for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1):
-                start, stop = self.indptr[run[0]], self.indptr[run[-1] + 1]
-                data.append(self.data[start:stop])
-                indices.append(self.indices[start:stop])
-        indptr = np.concatenate([[0], np.cumsum(self.indptr[rows + 1] - self.indptr[rows])])
-        shape = (rows.size, self.n_columns)
-        block = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr), shape=shape)
-        return block if self.keep_columns is None else block[:, self.keep_columns]
 
 
 class _DenseRows:

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from pipeline.formats import SPARSE_VALUES_SUFFIXES, directory_format
-from pipeline.genes import organism_id, to_ensembl, vocabulary_matrix
+from pipeline.genes import organism_id, to_ensembl, vocabulary_columns
 from pipeline.readers import CountMatrix, DatasetError, open_counts
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,8 @@ class DatasetPlan:
     vocab_coverage: float = 0.0
     warnings: list[str] = field(default_factory=list)
     # not persisted: what workers need to tokenize this dataset's cells
-    gene_map: sp.csr_matrix | None = field(default=None, repr=False)
+    gene_columns: np.ndarray | None = field(default=None, repr=False)  # vocabulary column per gene, -1 if none
+    n_vocab: int = 0  # genes in the model's vocabulary of gene_organism
     cell_organisms: np.ndarray | None = field(default=None, repr=False)
     matrix: CountMatrix | None = field(default=None, repr=False)
     cell_metadata: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # column -> value per row
@@ -216,7 +216,7 @@ def _map_genes(plan: DatasetPlan, matrix: CountMatrix, vocabulary: dict[str, lis
     if gene_organism not in vocabulary:
         raise DatasetError(plan.path, f"organism {gene_organism} is not in the model (it knows {sorted(vocabulary)})")
     organisms[organisms == ""] = gene_organism
-    gene_map, n_covered = vocabulary_matrix(ids.ids, vocabulary[gene_organism])
+    gene_columns, n_covered = vocabulary_columns(ids.ids, vocabulary[gene_organism])
     plan.gene_organism, plan.gene_source = gene_organism, ids.source
     plan.n_vocab_genes = int(n_covered)
     plan.vocab_coverage = n_covered / len(vocabulary[gene_organism])
@@ -232,7 +232,8 @@ def _map_genes(plan: DatasetPlan, matrix: CountMatrix, vocabulary: dict[str, lis
             f"small gene panel: {n_covered} vocabulary genes ({plan.vocab_coverage:.1%} of the model's {gene_organism} "
             "genes); embeddings of such cells are less informative"
         )
-    plan.gene_map, plan.cell_organisms = gene_map, organisms
+    plan.gene_columns, plan.n_vocab = gene_columns, len(vocabulary[gene_organism])
+    plan.cell_organisms = organisms
     for warning in plan.warnings:
         log.warning("%s: %s", plan.path, warning)
 

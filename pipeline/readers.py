@@ -113,6 +113,14 @@ class CountMatrix:
     # (anndata CSR dataset, in-memory scipy CSR, the row readers of pipeline.formats)
     _rows_source: object = field(default=None, repr=False)
 
+    @property
+    def n_stored(self):
+        """Values the matrix stores: its non-zeros when sparse, ``n_cells * n_genes`` when dense or unknown."""
+        source = self._rows_source
+        if isinstance(source, CSRRows):
+            return source.n_stored
+        return int(source.nnz) if sp.issparse(source) else self.n_cells * self.n_genes
+
     def read_rows(self, start, stop):
         """Raw counts of rows ``[start, stop)``.
 
@@ -179,9 +187,7 @@ class CountMatrix:
                 block = self._rows_source[selection]
         except (OSError, KeyError, RuntimeError, ValueError) as err:
             raise DatasetError(self.path, f"cannot read {what} of {self.counts_location}: {_short_reason(err)}") from err
-        block = sp.csr_matrix(block, dtype=np.float32)
-        block.sort_indices()
-        return block
+        return sp.csr_matrix(block, dtype=np.float32)
 
     def close(self):
         """Close the file; the matrix cannot be read afterwards."""
@@ -375,7 +381,7 @@ def _build_count_matrix(path, root, counts, kind, h5_file):
             findings.append(message)
         rows_source = csc.to_memory().tocsr()
     elif _sparse_format(element) == "csr":
-        rows_source = _CSRRows(element)
+        rows_source = CSRRows(element["data"], element["indices"], element["indptr"], n_genes)
 
     return CountMatrix(
         path=path,
@@ -393,33 +399,63 @@ def _build_count_matrix(path, root, counts, kind, h5_file):
 
 
 HULL_READ_VALUES = 100_000  # read scattered rows as one block when it holds at most this many values
+RUN_GAP_VALUES = 4_096  # scattered rows closer than this many values apart are read in one call
 
 
-class _CSRRows:
-    """Row access to an on-disk CSR group: row ranges read straight from h5py, other selections via anndata."""
+class CSRRows:
+    """Rows of a CSR matrix stored as ``data``/``indices``/``indptr`` arrays (an h5ad or zarr group, 10x ``.h5``).
 
-    def __init__(self, group):
-        self.group = group
-        self.shape = tuple(int(n) for n in group.attrs["shape"])
-        self.indptr = group["indptr"][:]
-        self._any_rows = anndata.io.sparse_dataset(group)
+    Row ranges are one slice of each array. Scattered rows are read as runs:
+    rows whose stored values lie close together in the file are read with one
+    call, and the run's unwanted values dropped. ``keep_columns`` selects
+    columns after reading.
+    """
+
+    def __init__(self, data, indices, indptr, n_columns, keep_columns=None):
+        self.data, self.indices = data, indices
+        self.indptr = np.asarray(indptr[:], dtype=np.int64)
+        self.n_columns, self.keep_columns = int(n_columns), keep_columns
+
+    @property
+    def n_stored(self):
+        return int(self.indptr[-1])
 
     def __getitem__(self, selection):
         if isinstance(selection, slice):
-            return self._read_range(selection.start, selection.stop)
-        rows = np.asarray(selection)  # sorted, unique (read_rows_at)
+            block = self._read_range(selection.start, selection.stop)
+        else:
+            block = self._read_rows(np.asarray(selection, dtype=np.int64))
+        return block if self.keep_columns is None else block[:, self.keep_columns]
+
+    def _read_rows(self, rows):
+        """Sorted, unique rows."""
+        if rows.size == 0:
+            return sp.csr_matrix((0, self.n_columns), dtype=self.data.dtype)
         lo, hi = int(rows[0]), int(rows[-1]) + 1
+        starts, stops = self.indptr[rows], self.indptr[rows + 1]
         span = int(self.indptr[hi] - self.indptr[lo])
-        wanted = int((self.indptr[rows + 1] - self.indptr[rows]).sum())
-        if span <= max(4 * wanted, HULL_READ_VALUES):  # one sequential read beats many small ones
+        if span <= max(4 * int((stops - starts).sum()), HULL_READ_VALUES):  # one sequential read beats many small ones
             return self._read_range(lo, hi)[rows - lo]
-        return self._any_rows[rows]
+        # runs: a new one starts where the gap to the previous row's values is wide
+        first = np.flatnonzero(np.r_[True, starts[1:] - stops[:-1] > RUN_GAP_VALUES])
+        last = np.r_[first[1:], rows.size] - 1
+        run_starts, run_stops = starts[first].tolist(), stops[last].tolist()
+        data = np.concatenate([self.data[a:b] for a, b in zip(run_starts, run_stops)])
+        indices = np.concatenate([self.indices[a:b] for a, b in zip(run_starts, run_stops)])
+        # where each wanted row's values sit in the concatenated runs
+        run_lengths = stops[last] - starts[first]
+        run_offsets = np.r_[0, np.cumsum(run_lengths)[:-1]]
+        run_of_row = np.repeat(np.arange(first.size), last - first + 1)
+        row_offsets = run_offsets[run_of_row] + starts - starts[first][run_of_row]
+        lengths = stops - starts
+        indptr = np.r_[0, np.cumsum(lengths)]
+        take = np.repeat(row_offsets - indptr[:-1], lengths) + np.arange(indptr[-1])
+        return sp.csr_matrix((data[take], indices[take], indptr), shape=(rows.size, self.n_columns))
 
     def _read_range(self, start, stop):
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
         indptr = self.indptr[start : stop + 1] - lo
-        data, indices = self.group["data"][lo:hi], self.group["indices"][lo:hi]
-        return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.shape[1]))
+        return sp.csr_matrix((self.data[lo:hi], self.indices[lo:hi], indptr), shape=(stop - start, self.n_columns))
 
 
 def check_not_peaks(path, feature_names):

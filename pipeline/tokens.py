@@ -25,6 +25,9 @@ _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 _GENE_STRIDE = np.uint64(0xD1B54A32D192ED03)
 _DRAW_STRIDE = np.uint64(0x8CB92BA72F3D8DD7)
 EXTRA_DRAWS = 64  # random fill candidates beyond max_len, to absorb collisions
+ROW_BITS = 24  # rank keys: a batch has fewer than 2^24 cells
+COUNT_BITS = 20  # neighbour counts order genes up to 2^20 - 1
+COUNT_MAX = (1 << COUNT_BITS) - 1
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -78,54 +81,99 @@ def select_genes(
 
     Notes
     -----
-    Every candidate gets a rank key (class, value, tie-break): class 0 for the
-    cell's expressed genes (random order), class 1 for genes only its
-    neighbours express (by summed neighbour counts, descending), class 2 for
-    random draws over the whole vocabulary. A gene keeps its best key, and the
-    first ``length`` genes of each cell are taken.
+    Slots are filled in three rounds, each only for the cells the previous
+    rounds left short: the cell's expressed genes (a random ``length`` of them
+    when it has more), then genes only its neighbours express (most summed
+    neighbour counts first, random tie-break), then random draws over the whole
+    vocabulary in draw order. A gene is never taken twice: a per-batch mark of
+    taken (cell, gene) pairs filters each round's candidates.
     """
     n_cells, n_vocab = counts.shape
     length = min(max_len, n_vocab)
-    rows, genes, klass, value = [], [], [], []
-
-    def add(r, g, c, v):
-        rows.append(r)
-        genes.append(g.astype(np.int64))
-        klass.append(np.full(len(r), c, dtype=np.int8))
-        value.append(v)
-
     counts = counts.tocsr()
-    r, g, _ = _entries(counts)
-    add(r, g, 0, _uniform(keys[r], g))
-    short = np.flatnonzero(np.bincount(r, minlength=n_cells) < length)  # only these need filling
-    if neighbor_sums is not None:
-        r, g, s = _entries(neighbor_sums.tocsr()[short])
-        add(short[r], g, 1, -s.astype(np.float64))
-    n_draws = length + EXTRA_DRAWS
-    r = np.repeat(short, n_draws)
-    draw = np.tile(np.arange(n_draws, dtype=np.uint64), len(short))
-    g = (_hash(keys[r], draw, _DRAW_STRIDE) % np.uint64(n_vocab)).astype(np.int64)
-    add(r, g, 2, draw.astype(np.float64))
+    taken_rows, taken_genes = [], []
 
-    rows, genes, klass, value = map(np.concatenate, (rows, genes, klass, value))
-    tie = _uniform(keys[rows], genes)
-    order = np.lexsort((tie, value, klass, rows))
-    # keep each (cell, gene) once, at its best rank key
-    pair = rows[order] * n_vocab + genes[order]
-    _, first = np.unique(pair, return_index=True)
-    kept = order[np.sort(first)]
-    kept_rows = rows[kept]
-    starts = np.searchsorted(kept_rows, np.arange(n_cells))
-    rank = np.arange(len(kept)) - starts[kept_rows]
-    take = rank < length
+    # round 1: expressed genes; cells with more than `length` keep a random `length` of them
+    r, g, _ = _entries(counts)
+    n_expressed = np.bincount(r, minlength=n_cells)
+    too_many = (n_expressed > length)[r]
+    if too_many.any():
+        rank = _rank_in_row(r[too_many], _hash(keys[r[too_many]], g[too_many], _GENE_STRIDE))
+        taken_rows.append(r[too_many][rank < length])
+        taken_genes.append(g[too_many][rank < length])
+    taken_rows.append(r[~too_many])
+    taken_genes.append(g[~too_many])
+    need = length - np.minimum(n_expressed, length)
+    short = np.flatnonzero(need > 0)
+
+    if short.size:
+        # taken[i * n_vocab + gene] for the i-th short cell (calloc'd: untouched pages cost nothing)
+        taken = np.zeros(short.size * n_vocab, dtype=bool)
+        local = np.full(n_cells, -1, dtype=np.int64)
+        local[short] = np.arange(short.size)
+        expressed_short = ~too_many & (need[r] > 0)
+        taken[local[r[expressed_short]] * n_vocab + g[expressed_short]] = True
+
+        def take(rows, genes, rank):
+            keep = rank < need[rows]
+            rows, genes = rows[keep], genes[keep]
+            taken[local[rows] * n_vocab + genes] = True
+            need[:] -= np.bincount(rows, minlength=n_cells)
+            taken_rows.append(rows)
+            taken_genes.append(genes)
+
+        # round 2: genes the neighbours express, most summed counts first
+        if neighbor_sums is not None:
+            nr, ng, ns = _entries(neighbor_sums.tocsr()[short])
+            nr = short[nr]
+            new = ~taken[local[nr] * n_vocab + ng]
+            nr, ng, ns = nr[new], ng[new], ns[new]
+            # most counts first (saturating at 2^20 - 1), then the random tie-break
+            most_first = np.uint64(COUNT_MAX) - np.minimum(ns, COUNT_MAX).astype(np.uint64)
+            tie = _hash(keys[nr], ng, _GENE_STRIDE) >> np.uint64(64 - (64 - ROW_BITS - COUNT_BITS))
+            take(nr, ng, _rank_in_row(nr, (most_first << np.uint64(64 - COUNT_BITS)) | (tie << np.uint64(ROW_BITS))))
+
+        # round 3: random draws over the vocabulary, in draw order
+        short = np.flatnonzero(need > 0)
+        if short.size:
+            n_draws = length + EXTRA_DRAWS
+            dr = np.repeat(short, n_draws)
+            draw = np.tile(np.arange(n_draws, dtype=np.uint64), short.size)
+            dg = (_hash(keys[dr], draw, _DRAW_STRIDE) % np.uint64(n_vocab)).astype(np.int64)
+            new = ~taken[local[dr] * n_vocab + dg]
+            dr, dg = dr[new], dg[new]
+            _, first = np.unique(dr * n_vocab + dg, return_index=True)  # a gene drawn twice counts once
+            first.sort()  # back to (row, draw) order
+            dr, dg = dr[first], dg[first]
+            take(dr, dg, _rank_in_row(dr, None))
+
+    rows, genes = np.concatenate(taken_rows), np.concatenate(taken_genes)
     chosen = np.zeros((n_cells, length), dtype=np.int64)
-    filled = np.zeros(n_cells, dtype=np.int64)
-    chosen[kept_rows[take], rank[take]] = genes[kept][take]
-    np.add.at(filled, kept_rows[take], 1)
-    for row in np.flatnonzero(filled < length):  # vocabulary barely larger than max_len: rare
+    order = np.argsort(rows, kind="stable")
+    rows, genes = rows[order], genes[order]
+    filled = np.bincount(rows, minlength=n_cells)
+    complete = filled == length
+    at = np.flatnonzero(complete[rows])
+    chosen[complete] = genes[at].reshape(-1, length)
+    for row in np.flatnonzero(~complete):  # vocabulary barely larger than max_len: rare
         chosen[row] = _select_densely(counts[row], keys[row], length, None if neighbor_sums is None
                                       else neighbor_sums[row])  # fmt: skip
     return np.sort(chosen, axis=1)
+
+
+def _rank_in_row(rows: np.ndarray, order_keys: np.ndarray | None) -> np.ndarray:
+    """Rank of each entry within its row (``rows`` ascending) by ascending ``order_keys`` (uint64; None: as given)."""
+    if rows.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if order_keys is None:
+        order = np.arange(rows.size)
+    else:  # rows take the top bits, so one sort orders by row, then key
+        order = np.argsort((rows.astype(np.uint64) << np.uint64(64 - ROW_BITS)) | (order_keys >> np.uint64(ROW_BITS)))
+    n_per_row = np.bincount(rows)
+    starts = np.cumsum(n_per_row) - n_per_row
+    rank = np.empty(rows.size, dtype=np.int64)
+    rank[order] = np.arange(rows.size) - starts[rows[order]]
+    return rank
 
 
 def _entries(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -2,10 +2,11 @@
 
 
 import numpy as np
+import scipy.sparse as sp
 import pandas as pd
 import pytest
 
-from pipeline.genes import ORGANISMS, gene_table, organism_id, to_ensembl, vocabulary_matrix
+from pipeline.genes import ORGANISMS, gene_table, organism_id, to_ensembl, to_vocabulary, vocabulary_columns
 from conftest import BMMC, BRAIN, CD4T, HEART, PBMC, SPLEEN
 from pipeline.readers import open_counts
 
@@ -141,18 +142,20 @@ def test_symbols_that_cannot_be_mapped_give_no_ids():
     assert macaque.source == "symbols; no gene table for NCBITaxon:9541"
 
 
-def test_vocabulary_matrix_sums_repeated_genes():
+def test_vocabulary_columns_sum_repeated_genes():
     bmmc = var_of(BMMC)
     ids = bmmc["gene_ids"].to_numpy(dtype=object).copy()
     ids[5] = ids[3]  # gene 5 now repeats gene 3
     ids[7] = ""  # unknown gene
     vocabulary = ["ENSG_NOT_IN_DATA"] + list(ids[[3, 0, 10, 7 - 1]])
-    matrix, n_covered = vocabulary_matrix(ids, vocabulary)
-    assert matrix.shape == (1000, 5) and matrix.dtype == np.float32
+    columns, n_covered = vocabulary_columns(ids, vocabulary)
+    assert columns.shape == (1000,) and columns[7] == -1 and columns[3] == columns[5] == 1
     assert n_covered == 4
     with open_counts(BMMC) as counts:
         rows = counts.read_rows(0, 600)
-    per_vocabulary_gene = (rows @ matrix).toarray()
+    mapped = to_vocabulary(rows, columns, len(vocabulary))
+    assert mapped.shape == (600, 5) and mapped.dtype == np.float32 and mapped.has_canonical_format
+    per_vocabulary_gene = mapped.toarray()
     dense = rows.toarray()
     assert per_vocabulary_gene[:, 1].sum() > 0
     np.testing.assert_array_equal(per_vocabulary_gene[:, 0], 0)
@@ -160,5 +163,13 @@ def test_vocabulary_matrix_sums_repeated_genes():
     np.testing.assert_array_equal(per_vocabulary_gene[:, 2], dense[:, 0])
     np.testing.assert_array_equal(per_vocabulary_gene[:, 3], dense[:, 10])
     np.testing.assert_array_equal(per_vocabulary_gene[:, 4], dense[:, 6])
+    # checked against the canonical scipy form: sorted columns, repeats summed once
+    mapped_genes = np.flatnonzero(columns >= 0)
+    reference = sp.csr_matrix((np.ones(mapped_genes.size, dtype=np.float32), (mapped_genes, columns[mapped_genes])),
+                              shape=(1000, 5))  # fmt: skip
+    reference = (rows @ reference).tocsr()
+    reference.sum_duplicates()
+    np.testing.assert_array_equal(mapped.indptr, reference.indptr)
+    np.testing.assert_array_equal(mapped.indices, reference.indices)
     with pytest.raises(ValueError, match="repeats gene"):
-        vocabulary_matrix(ids, ["A", "B", "A"])
+        vocabulary_columns(ids, ["A", "B", "A"])
