@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.linalg
+import torch
 from sklearn.neighbors import NearestNeighbors
 
 from pipeline.manifest import atomic_write
@@ -20,12 +21,21 @@ log = logging.getLogger(__name__)
 TARGET_SUM = 1e4
 #: Genes with the highest variance of log-normalised counts used for the PCA.
 N_VARIABLE_GENES = 2000
-#: Exact kNN up to this many cells, approximate (pynndescent) beyond.
+#: Exact kNN up to this many cells, approximate (inverted lists) beyond.
 EXACT_KNN_MAX_CELLS = 50_000
-#: Neighbours pynndescent searches for (scanpy's default), of which the K nearest are kept.
-APPROXIMATE_KNN_CANDIDATES = 15
+#: Approximate search: about this many cells per inverted list (k-means cluster of PCA coordinates) ...
+CELLS_PER_LIST = 1_000
+#: ... the cells of a list compared exactly with those of its nearest lists ...
+N_PROBE = 6
+#: ... k-means on this many sampled cells per list, for this many iterations.
+KMEANS_SAMPLE_PER_LIST = 40
+KMEANS_ITERATIONS = 10
+#: ... then each cell's neighbours' neighbours are compared, this many times.
+REFINE_ROUNDS = 2
 #: Cells whose candidate distances are recomputed at a time.
 DISTANCE_CHUNK_CELLS = 50_000
+#: Largest [queries, points] distance matrix of the approximate search (64 MiB of float32).
+DISTANCE_BLOCK_VALUES = 16_000_000
 
 
 def compute_neighbors(matrix, n_neighbors=6, block_size=10_000, seed=0):
@@ -65,9 +75,11 @@ def compute_neighbors(matrix, n_neighbors=6, block_size=10_000, seed=0):
       projection. The PCA is exact on those genes, where upstream uses every
       gene (sparse top-variance genes carry little of the leading components).
     - at least 2 components (upstream's ``n_cells // 20`` is 0 below 20 cells).
-    - exact kNN up to ``EXACT_KNN_MAX_CELLS`` cells; beyond, pynndescent with
-      ``random_state=seed`` on one thread (its results change with the thread
-      count), where upstream uses scanpy's (umap's) nndescent.
+    - exact kNN up to ``EXACT_KNN_MAX_CELLS`` cells; beyond, an inverted-list
+      search (k-means lists of about ``CELLS_PER_LIST`` cells from a
+      ``seed``-ed sample; each cell compared exactly with the cells of its
+      ``N_PROBE`` nearest lists), where upstream uses scanpy's (umap's)
+      nndescent. Its working memory is a few lists, not the dataset.
     - distances are recomputed exactly for the kept pairs, and ties broken by
       row index, so the result is the same on every call and machine.
     - cells with identical profiles (e.g. several all-zero cells) are
@@ -159,18 +171,11 @@ def _log_normalised(counts):
 def _nearest_other_cells(coordinates, n_neighbors, seed):
     """Indices and exact distances of each cell's nearest other cells, nearest first."""
     n_cells = coordinates.shape[0]
+    if n_cells > EXACT_KNN_MAX_CELLS:
+        return _inverted_list_search(coordinates, n_neighbors, seed)
     n_candidates = min(n_cells, n_neighbors + 1)
-    if n_cells <= EXACT_KNN_MAX_CELLS:
-        search = NearestNeighbors(n_neighbors=n_candidates, algorithm="brute").fit(coordinates)
-        candidates = search.kneighbors(coordinates, return_distance=False)
-    else:
-        from pynndescent import NNDescent
-
-        n_candidates = min(n_cells, max(n_candidates, APPROXIMATE_KNN_CANDIDATES))
-        index = NNDescent(coordinates, n_neighbors=n_candidates, random_state=seed, n_jobs=1)
-        candidates = index.neighbor_graph[0]
-        log.info("approximate kNN (pynndescent, seed %d) of %d cells", seed, n_cells)
-
+    search = NearestNeighbors(n_neighbors=n_candidates, algorithm="brute").fit(coordinates)
+    candidates = search.kneighbors(coordinates, return_distance=False)
     indices = np.empty((n_cells, n_neighbors), dtype=np.int64)
     distances = np.empty((n_cells, n_neighbors), dtype=np.float32)
     for start in range(0, n_cells, DISTANCE_CHUNK_CELLS):
@@ -179,6 +184,93 @@ def _nearest_other_cells(coordinates, n_neighbors, seed):
             coordinates, np.arange(start, stop), candidates[start:stop], n_neighbors
         )
     return indices, distances
+
+
+def _inverted_list_search(coordinates, n_neighbors, seed):
+    """Approximate kNN in bounded memory: k-means lists; each list's cells searched exactly in its nearest lists.
+
+    The cells of a list are compared with those of the ``N_PROBE`` lists whose
+    centroids are nearest its own (itself included), then with their
+    neighbours' neighbours. The working memory is a few lists, not the dataset.
+    """
+    n_cells = coordinates.shape[0]
+    n_lists = max(1, n_cells // CELLS_PER_LIST)
+    centroids = torch.from_numpy(_kmeans(coordinates, n_lists, seed))
+    n_probe = min(N_PROBE, n_lists)
+    probes = np.empty((n_cells, n_probe), dtype=np.int64)  # each cell's nearest lists, its own first
+    step = max(1, DISTANCE_BLOCK_VALUES // n_lists)
+    for start in range(0, n_cells, step):
+        probes[start : start + step] = _nearest(torch.from_numpy(coordinates[start : start + step]), centroids,
+                                                n_probe).indices  # fmt: skip
+    # list by list: every cell probing it against its members (one matrix product), merged into its nearest so far
+    n_candidates = n_neighbors + 1  # the cell itself is among them
+    best = torch.full((n_cells, n_candidates), -1, dtype=torch.int64)
+    best_score = torch.full((n_cells, n_candidates), float("inf"))  # squared distance less the query's own norm
+    pairs = np.argsort(probes.ravel(), kind="stable")  # (cell, slot) pairs grouped by probed list
+    pair_starts = np.searchsorted(probes.ravel()[pairs], np.arange(n_lists + 1))
+    members_of = np.argsort(probes[:, 0], kind="stable")
+    member_starts = np.searchsorted(probes[members_of, 0], np.arange(n_lists + 1))
+    for list_id in range(n_lists):
+        members = torch.from_numpy(members_of[member_starts[list_id] : member_starts[list_id + 1]])
+        if members.numel() == 0:
+            continue
+        points = torch.from_numpy(coordinates[members.numpy()])
+        probing = pairs[pair_starts[list_id] : pair_starts[list_id + 1]] // n_probe
+        step = max(1, DISTANCE_BLOCK_VALUES // members.numel())
+        for start in range(0, probing.size, step):
+            cells = probing[start : start + step]
+            score, nearest = _nearest(torch.from_numpy(coordinates[cells]), points, min(n_candidates, len(members)))
+            score, at = torch.cat([best_score[cells], score], 1), torch.cat([best[cells], members[nearest]], 1)
+            score, keep = torch.topk(score, n_candidates, dim=1, largest=False)
+            best_score[cells], best[cells] = score, at.gather(1, keep)
+    best = best.numpy()
+    indices = np.empty((n_cells, n_neighbors), dtype=np.int64)
+    distances = np.empty((n_cells, n_neighbors), dtype=np.float32)
+    step = max(1, DISTANCE_BLOCK_VALUES // (8 * n_candidates * coordinates.shape[1]))
+    for start in range(0, n_cells, step):
+        rows = np.arange(start, min(start + step, n_cells))
+        indices[rows], distances[rows] = _sort_candidates(coordinates, rows, best[rows], n_neighbors)
+    del best, best_score
+    for _ in range(REFINE_ROUNDS):  # a neighbour's neighbour may be nearer: what a list boundary hid
+        step = max(1, DISTANCE_BLOCK_VALUES // (8 * n_neighbors * (n_neighbors + 1) * coordinates.shape[1]))
+        for start in range(0, n_cells, step):
+            rows = np.arange(start, min(start + step, n_cells))
+            found = indices[rows]
+            candidates = np.concatenate([found, indices[found].reshape(rows.size, -1)], axis=1)
+            indices[rows], distances[rows] = _sort_candidates(coordinates, rows, _first_of_repeats(candidates),
+                                                              n_neighbors)  # fmt: skip
+    log.info("approximate kNN (%d k-means lists, %d probed, seed %d) of %d cells", n_lists, n_probe, seed,
+             n_cells)  # fmt: skip
+    return indices, distances
+
+
+def _first_of_repeats(candidates):
+    """Each row's candidates with repeats replaced by -1 (sorted per row)."""
+    candidates = np.sort(candidates, axis=1)
+    repeated = np.zeros(candidates.shape, dtype=bool)
+    repeated[:, 1:] = candidates[:, 1:] == candidates[:, :-1]
+    return np.where(repeated, -1, candidates)
+
+
+def _nearest(queries, points, k):
+    """Each query's k nearest points: ([n_queries, k] squared distance less the query's norm, [n_queries, k] index)."""
+    score = (points * points).sum(1)[None, :] - 2 * queries @ points.T
+    return torch.topk(score, k, dim=1, largest=False, sorted=True)
+
+
+def _kmeans(coordinates, n_lists, seed):
+    """Centroids of ``n_lists`` k-means clusters (Lloyd) of a seeded sample of the cells."""
+    rng = np.random.default_rng(seed)
+    n_sample = min(coordinates.shape[0], n_lists * KMEANS_SAMPLE_PER_LIST)
+    sample = torch.from_numpy(coordinates[np.sort(rng.choice(coordinates.shape[0], n_sample, replace=False))])
+    centroids = sample[torch.from_numpy(rng.choice(n_sample, n_lists, replace=False))].clone()
+    for _ in range(KMEANS_ITERATIONS):
+        nearest = _nearest(sample, centroids, 1).indices[:, 0]
+        sums = torch.zeros_like(centroids).index_add_(0, nearest, sample)
+        sizes = torch.bincount(nearest, minlength=n_lists)
+        filled = sizes > 0  # an emptied list keeps its centroid
+        centroids[filled] = sums[filled] / sizes[filled, None].to(sums.dtype)
+    return centroids.numpy()
 
 
 def _sort_candidates(coordinates, rows, candidates, n_neighbors):

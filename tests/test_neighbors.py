@@ -1,6 +1,5 @@
 """pipeline.neighbors on the shipped real datasets."""
 
-import os
 from pathlib import Path
 
 import anndata as ad
@@ -73,22 +72,21 @@ def test_streamed_pca_matches_a_full_pca():
     np.testing.assert_allclose(np.abs(coordinates), np.abs(reference), atol=1e-4)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("SCATLAS_SLOW_TESTS"),
-    reason="pynndescent's numba compilation takes 25-45 s; set SCATLAS_SLOW_TESTS=1 to run",
-)
 def test_approximate_search_beyond_the_exact_limit(brain_neighbors, monkeypatch):
+    # 40 lists of about 250 cells, 6 probed per cell: each cell compared with 15% of the dataset
     monkeypatch.setattr(neighbors, "EXACT_KNN_MAX_CELLS", 1000)
+    monkeypatch.setattr(neighbors, "CELLS_PER_LIST", 250)
     with open_counts(BRAIN) as matrix:
         indices, distances = compute_neighbors(matrix, n_neighbors=K, seed=0)
         again = compute_neighbors(matrix, n_neighbors=K, seed=0)
     check_graph(indices, distances, 10000)
     np.testing.assert_array_equal(again[0], indices)
     exact_indices, exact_distances = brain_neighbors
-    # measured recall of the exact neighbours: 0.88
+    # measured: recall 0.80 of the exact neighbours, mean distance 0.8% above the exact one
     recall = np.mean([len(set(found) & set(exact)) / K for found, exact in zip(indices, exact_indices)])
-    assert recall > 0.8
+    assert recall > 0.75
     assert (distances >= exact_distances - 1e-5).all()
+    assert distances.mean() < 1.01 * exact_distances.mean()
 
 
 @pytest.mark.parametrize("n_cells", [1, 2, 5])
