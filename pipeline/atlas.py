@@ -5,9 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-import struct
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,7 +317,7 @@ class Atlas:
         if row.empty:
             raise ValueError(f"{self.out_dir}: part {part} is not done")
         path = self.out_dir / f"{row['stem'].iloc[0]}_{kind}.npz"
-        return memmap_npz(path, kind)
+        return manifest.memmap_npz(path, kind)
 
     def part_cells(self, part: int) -> pd.DataFrame:
         """One part's ``_cells.parquet``."""
@@ -606,34 +604,3 @@ def _write_name_cache(path: Path, names: dict[str, str]) -> None:
         manifest.write_json(path, names)
     except OSError:  # a read-only home: names are looked up again next time
         pass
-
-
-def memmap_npz(path: str | Path, name: str) -> np.ndarray:
-    """Memory-map array ``name`` of an uncompressed ``.npz`` file (as ``np.savez`` writes it).
-
-    The array's bytes are found from the zip member's local header and the
-    ``.npy`` header; a compressed member is read whole instead.
-    """
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            info = archive.getinfo(f"{name}.npy")
-        if info.compress_type != zipfile.ZIP_STORED:
-            with np.load(path) as npz:
-                return npz[name]
-        with open(path, "rb") as fh:
-            fh.seek(info.header_offset)
-            header = fh.read(30)
-            if header[:4] != b"PK\x03\x04":
-                raise ValueError("bad zip member header")
-            name_length, extra_length = struct.unpack("<HH", header[26:30])
-            fh.seek(info.header_offset + 30 + name_length + extra_length)
-            version = np.lib.format.read_magic(fh)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran_order, dtype = read_header(fh)
-            offset = fh.tell()
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path}: cannot read array {name!r} ({err})") from err
-    if 0 in shape:
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")

@@ -21,7 +21,7 @@ import torch
 
 from models import build_model
 from pipeline.data import UnitBatches, neighbors_path
-from pipeline.neighbors import compute_neighbors, save_neighbors
+from pipeline.neighbors import neighbor_chunks, save_neighbors
 from pipeline.plan import Unit, plan_dataset
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
@@ -51,7 +51,7 @@ def data_path(path: Path, model, max_len: int, batch_size: int, work_dir: Path, 
     uses_neighbors = config.expr_emb_style == "metacell"
     t0 = time.perf_counter()
     if uses_neighbors:
-        save_neighbors(neighbors_path(work_dir, dataset), *compute_neighbors(plan.matrix))
+        save_neighbors(neighbors_path(work_dir, dataset), neighbor_chunks(plan.matrix))
     t1 = time.perf_counter()
     batches = UnitBatches(
         [Unit(0, dataset, 0, plan.n_cells)], {dataset: plan}, vocabulary_offsets=config.organism_offsets,

@@ -25,7 +25,7 @@ import torch
 from models import load_checkpoint
 from models.presets import demo_vocabulary
 from pipeline.data import UnitBatches, neighbors_path
-from pipeline.neighbors import compute_neighbors, save_neighbors
+from pipeline.neighbors import neighbor_chunks, save_neighbors
 from pipeline.plan import Unit, plan_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ def real_inputs(genes: list[str], max_len: int, batch_size: int, work_dir: Path)
     plan = plan_dataset(0, str(path), {HUMAN: genes}, {"counts": "auto", "organism": None, "min_gene_coverage": 0.0})
     if plan.status == "failed":
         raise RuntimeError(plan.error)
-    save_neighbors(neighbors_path(work_dir, 0), *compute_neighbors(plan.matrix))
+    save_neighbors(neighbors_path(work_dir, 0), neighbor_chunks(plan.matrix))
     batches = UnitBatches(
         [Unit(0, 0, 0, plan.n_cells)], {0: plan}, vocabulary_offsets={HUMAN: 0}, max_len=max_len,
         batch_size=batch_size, min_counts=1, min_genes=1, seed=0, neighbors_dir=work_dir / "neighbors",

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.genes import to_vocabulary
 from pipeline.manifest import done_parts, mark_failed
-from pipeline.neighbors import compute_neighbors, load_neighbors, save_neighbors
+from pipeline.neighbors import load_neighbors, neighbor_chunks, save_neighbors
 from pipeline.plan import DatasetPlan, Unit, assign_units
 from pipeline.readers import DatasetError
 from pipeline.tokens import cell_keys, lookup, qc_reasons, select_genes
@@ -234,11 +234,13 @@ class AtlasDataModule(L.LightningDataModule):
 
     def _ensure_neighbors(self, ds: DatasetPlan) -> None:
         path = neighbors_path(self.out_dir, ds.dataset)
-        if path.exists() and len(load_neighbors(path)[0]) == ds.n_cells:
-            return
+        try:
+            if len(load_neighbors(path)[0]) == ds.n_cells:
+                return
+        except (OSError, ValueError):  # none yet, or an unreadable one (an older format): computed again
+            pass
         log.info("%s: computing the %d-nearest-neighbour graph of %d cells", ds.path, self.n_neighbors, ds.n_cells)
-        indices, distances = compute_neighbors(ds.matrix, n_neighbors=self.n_neighbors, seed=self.seed)
-        save_neighbors(path, indices, distances)
+        save_neighbors(path, neighbor_chunks(ds.matrix, n_neighbors=self.n_neighbors, seed=self.seed))
 
     def predict_dataloader(self) -> DataLoader:
         batches = UnitBatches(

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from pipeline.plan import Unit
@@ -132,3 +135,34 @@ def mark_failed(out_dir, run: int, unit: Unit, rank: int, error: str) -> None:
     record = {"part": unit.part, "dataset": unit.dataset, "start": unit.start, "stop": unit.stop,
               "rank": rank, "error": error}  # fmt: skip
     write_json(run_dir(out_dir, run) / f"part_{unit.part}.failed.json", record)
+
+
+def memmap_npz(path: str | Path, name: str) -> np.ndarray:
+    """Memory-map array ``name`` of an uncompressed ``.npz`` file (as ``np.savez`` writes it).
+
+    The array's bytes are found from the zip member's local header and the
+    ``.npy`` header; a compressed member is read whole instead.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            with np.load(path) as npz:
+                return npz[name]
+        with open(path, "rb") as fh:
+            fh.seek(info.header_offset)
+            header = fh.read(30)
+            if header[:4] != b"PK\x03\x04":
+                raise ValueError("bad zip member header")
+            name_length, extra_length = struct.unpack("<HH", header[26:30])
+            fh.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(fh)
+            offset = fh.tell()
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: cannot read array {name!r} ({err})") from err
+    if 0 in shape:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")

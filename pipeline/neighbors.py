@@ -6,6 +6,8 @@ the count matrix in row blocks, and stored next to the run's outputs.
 """
 
 import logging
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import scipy.linalg
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from pipeline.manifest import atomic_write
+from pipeline.manifest import atomic_write, memmap_npz
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ KMEANS_ITERATIONS = 10
 REFINE_ROUNDS = 2
 #: Cells whose candidate distances are recomputed at a time.
 DISTANCE_CHUNK_CELLS = 50_000
+#: Neighbours are searched within row chunks of at most this many cells (bounds memory on huge datasets).
+GRAPH_CHUNK_CELLS = 1_000_000
 #: Largest [queries, points] distance matrix of the approximate search (64 MiB of float32).
 DISTANCE_BLOCK_VALUES = 16_000_000
 
@@ -67,14 +71,16 @@ def compute_neighbors(matrix, n_neighbors=6, block_size=10_000, seed=0):
     Upstream (scdataloader's Preprocessor, then ``sc.pp.neighbors``) computes
     ``log1p(normalize_total(counts, 1e4))``, a PCA of 50 components (``n_cells
     // 20`` for at most 1000 cells), a 15-neighbour graph, and keeps the 6
-    nearest non-zero distances. Here, to bound memory by one block plus
-    ``n_cells x n_components`` whatever the dataset size:
+    nearest non-zero distances. Here, to bound memory whatever the dataset
+    size (see :func:`neighbor_chunks` and :func:`save_neighbors`):
 
     - three streamed passes: per-gene variance of the log-normalised counts;
       covariance of the ``N_VARIABLE_GENES`` (2000) most variable genes; their
       projection. The PCA is exact on those genes, where upstream uses every
       gene (sparse top-variance genes carry little of the leading components).
     - at least 2 components (upstream's ``n_cells // 20`` is 0 below 20 cells).
+    - datasets above ``GRAPH_CHUNK_CELLS`` (1M) cells are searched in
+      consecutive row chunks of that size: a cell's neighbours are in its chunk.
     - exact kNN up to ``EXACT_KNN_MAX_CELLS`` cells; beyond, an inverted-list
       search (k-means lists of about ``CELLS_PER_LIST`` cells from a
       ``seed``-ed sample; each cell compared exactly with the cells of its
@@ -91,15 +97,31 @@ def compute_neighbors(matrix, n_neighbors=6, block_size=10_000, seed=0):
 
     Upstream's eval-time randomness does not touch this step.
     """
+    chunks = list(neighbor_chunks(matrix, n_neighbors, block_size, seed))
+    return np.concatenate([c[1] for c in chunks]), np.concatenate([c[2] for c in chunks])
+
+
+def neighbor_chunks(matrix, n_neighbors=6, block_size=10_000, seed=0):
+    """:func:`compute_neighbors` in row chunks of at most ``GRAPH_CHUNK_CELLS``: yields ``(start, indices, distances)``.
+
+    The PCA axes come from every cell; the neighbours of a chunk's cells are
+    searched among that chunk's cells, so memory is bounded by the chunk,
+    whatever the dataset size (datasets up to ``GRAPH_CHUNK_CELLS`` cells are
+    one chunk).
+    """
     n_cells = matrix.n_cells
-    n_real = min(n_neighbors, n_cells - 1)
-    indices = np.full((n_cells, n_neighbors), -1, dtype=np.int64)
-    distances = np.zeros((n_cells, n_neighbors), dtype=np.float32)
-    if n_real <= 0:
-        return indices, distances
-    coordinates = pca_coordinates(matrix, block_size)
-    indices[:, :n_real], distances[:, :n_real] = _nearest_other_cells(coordinates, n_real, seed)
-    return indices, distances
+    pca = fit_pca(matrix, block_size) if n_cells > 1 else None
+    for start in range(0, n_cells, GRAPH_CHUNK_CELLS):
+        stop = min(start + GRAPH_CHUNK_CELLS, n_cells)
+        n_real = min(n_neighbors, stop - start - 1)
+        indices = np.full((stop - start, n_neighbors), -1, dtype=np.int64)
+        distances = np.zeros((stop - start, n_neighbors), dtype=np.float32)
+        if n_real > 0:
+            coordinates = project(matrix, pca, start, stop, block_size)
+            found, distances[:, :n_real] = _nearest_other_cells(coordinates, n_real, seed)
+            indices[:, :n_real] = found + start
+            del coordinates
+        yield start, indices, distances
 
 
 def pca_coordinates(matrix, block_size=10_000):
@@ -117,8 +139,22 @@ def pca_coordinates(matrix, block_size=10_000):
     np.ndarray
         float32 ``[n_cells, n_components]``: log1p(normalised counts) of the
         most variable genes, centred and projected on their principal axes,
-        largest variance first. ``n_components`` is 50, ``n_cells // 20`` for
-        at most 1000 cells, at least 2, at most the number of genes or cells.
+        largest variance first (see :func:`fit_pca`).
+    """
+    return project(matrix, fit_pca(matrix, block_size), 0, matrix.n_cells, block_size)
+
+
+def fit_pca(matrix, block_size=10_000):
+    """Principal axes of log1p(normalised counts) of the most variable genes, from two streamed passes.
+
+    Returns
+    -------
+    dict
+        ``genes`` (the ``N_VARIABLE_GENES`` most variable, by position),
+        ``axes`` ([n_genes_used, n_components], largest variance first, each
+        axis' largest loading positive) and ``offset`` (the mean projected).
+        ``n_components`` is 50, ``n_cells // 20`` for at most 1000 cells, at
+        least 2, at most the number of genes or cells.
     """
     n_cells = matrix.n_cells
     blocks = [(start, min(start + block_size, n_cells)) for start in range(0, n_cells, block_size)]
@@ -148,13 +184,17 @@ def pca_coordinates(matrix, block_size=10_000):
     axes = eigenvectors[:, ::-1]
     # fix each axis' sign: its largest loading is positive
     axes *= np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(n_components)])
-
-    coordinates = np.empty((n_cells, n_components), dtype=np.float32)
-    offset = variable_mean @ axes
-    for start, stop in blocks:
-        normalised = _log_normalised(matrix.read_rows(start, stop))[:, variable_genes]
-        coordinates[start:stop] = normalised @ axes - offset
     log.info("%s: PCA of %d cells on %d genes, %d components", matrix.path, n_cells, variable_genes.size, n_components)
+    return {"genes": variable_genes, "axes": axes, "offset": variable_mean @ axes}
+
+
+def project(matrix, pca, start, stop, block_size=10_000):
+    """float32 ``[stop - start, n_components]`` PCA coordinates of rows ``[start, stop)`` (``pca`` from :func:`fit_pca`)."""
+    coordinates = np.empty((stop - start, pca["axes"].shape[1]), dtype=np.float32)
+    for first in range(start, stop, block_size):
+        last = min(first + block_size, stop)
+        normalised = _log_normalised(matrix.read_rows(first, last))[:, pca["genes"]]
+        coordinates[first - start : last - start] = normalised @ pca["axes"] - pca["offset"]
     return coordinates
 
 
@@ -285,33 +325,51 @@ def _sort_candidates(coordinates, rows, candidates, n_neighbors):
     return np.take_along_axis(candidates, order, axis=1), np.take_along_axis(candidate_distances, order, axis=1)
 
 
-def save_neighbors(path, indices, distances):
-    """Write a neighbour graph to an .npz file atomically.
+def save_neighbors(path, chunks):
+    """Write a neighbour graph to an uncompressed .npz (arrays ``indices``, ``distances``) atomically, chunk by chunk.
 
     Parameters
     ----------
     path : str or os.PathLike
         Destination; written under a temporary name in the same directory,
         then renamed, so readers never see a partial file.
-    indices : np.ndarray
-        int64 ``[n_cells, K]``, from :func:`compute_neighbors`.
-    distances : np.ndarray
-        float32 ``[n_cells, K]``.
+    chunks : iterable of (start, indices, distances)
+        Consecutive row chunks (:func:`neighbor_chunks`, or one
+        ``(0, indices, distances)`` for arrays in memory): int64 and float32
+        ``[rows, K]``. Each is written as it comes, so the whole graph is never
+        in memory.
     """
     path = Path(path)
-    if indices.shape != distances.shape:
-        raise ValueError(f"{path}: indices {indices.shape} and distances {distances.shape} differ in shape")
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(temporary):
-        with open(temporary, "wb") as file:
-            np.savez(file, indices=indices.astype(np.int64), distances=distances.astype(np.float32))
+        parts = {name: Path(f"{temporary}.{name}") for name in ("indices", "distances")}
+        try:
+            with open(parts["indices"], "wb") as indices_file, open(parts["distances"], "wb") as distances_file:
+                n_rows, width = 0, None
+                for start, indices, distances in chunks:
+                    if indices.shape != distances.shape or start != n_rows or width not in (None, indices.shape[1]):
+                        raise ValueError(f"{path}: chunk at row {start} has indices {indices.shape} and distances "
+                                         f"{distances.shape} (expected rows from {n_rows}, width {width})")  # fmt: skip
+                    n_rows, width = n_rows + len(indices), indices.shape[1]
+                    indices_file.write(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
+                    distances_file.write(np.ascontiguousarray(distances, dtype=np.float32).tobytes())
+            with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for name, dtype in (("indices", np.int64), ("distances", np.float32)):
+                    with archive.open(f"{name}.npy", "w", force_zip64=True) as member, open(parts[name], "rb") as raw:
+                        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                                  "shape": (n_rows, width or 0)}  # fmt: skip
+                        np.lib.format.write_array_header_2_0(member, header)
+                        shutil.copyfileobj(raw, member, 1 << 22)
+        finally:
+            for part in parts.values():
+                part.unlink(missing_ok=True)
 
     atomic_write(path, write)
 
 
 def load_neighbors(path):
-    """Read a neighbour graph written by :func:`save_neighbors`.
+    """Memory-map a neighbour graph written by :func:`save_neighbors` (rows are read when indexed).
 
     Parameters
     ----------
@@ -320,19 +378,23 @@ def load_neighbors(path):
     Returns
     -------
     indices : np.ndarray
-        int64 ``[n_cells, K]``.
+        int64 ``[n_cells, K]``, read-only.
     distances : np.ndarray
-        float32 ``[n_cells, K]``.
+        float32 ``[n_cells, K]``, read-only.
 
     Raises
     ------
     ValueError
         The file is not a neighbour graph.
     """
-    with np.load(path) as stored:
-        if "indices" not in stored or "distances" not in stored:
-            raise ValueError(f"{path}: not a neighbour graph (needs arrays 'indices' and 'distances')")
-        indices, distances = stored["indices"], stored["distances"]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except (OSError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: not a neighbour graph ({err})") from err
+    if not {"indices.npy", "distances.npy"} <= names:
+        raise ValueError(f"{path}: not a neighbour graph (needs arrays 'indices' and 'distances')")
+    indices, distances = memmap_npz(path, "indices"), memmap_npz(path, "distances")
     if indices.shape != distances.shape or indices.ndim != 2:
         raise ValueError(f"{path}: indices {indices.shape} and distances {distances.shape} do not match")
     return indices, distances

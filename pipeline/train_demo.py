@@ -60,7 +60,7 @@ from models.network import ScPrint2Config
 from models.presets import DEMO_CHECKPOINT, PRESETS, demo_vocabulary
 from pipeline.atlas import load_state, read_part
 from pipeline.data import UnitBatches, neighbors_path
-from pipeline.neighbors import compute_neighbors, save_neighbors
+from pipeline.neighbors import neighbor_chunks, save_neighbors
 from pipeline.plan import Unit, plan_dataset
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,9 @@ def plan_training_files(config: ScPrint2Config, work_dir: Path) -> list:
     for plan in plans:
         if plan.status == "failed":
             raise ValueError(plan.error)
-        indices, distances = compute_neighbors(plan.matrix, n_neighbors=PREDICT_SETTINGS["n_neighbors"],
-                                               seed=PREDICT_SETTINGS["seed"])  # fmt: skip
-        save_neighbors(neighbors_path(work_dir, plan.dataset), indices, distances)
+        chunks = neighbor_chunks(plan.matrix, n_neighbors=PREDICT_SETTINGS["n_neighbors"],
+                                 seed=PREDICT_SETTINGS["seed"])  # fmt: skip
+        save_neighbors(neighbors_path(work_dir, plan.dataset), chunks)
     return plans
 
 
