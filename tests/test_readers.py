@@ -59,6 +59,35 @@ def test_real_dataset_rows_match_anndata(path, n_cells, n_genes, location, stora
     assert stored_as == storage
 
 
+def test_scattered_rows_are_read_in_runs(monkeypatch):
+    """Rows far apart in the file: each run of nearby rows is one read, and the rows come back exact."""
+    import pipeline.readers as readers
+
+    expected = anndata_counts(BRAIN, "X")
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([rng.choice(10_000, 300, replace=False), [0, 1, 2, 9_999, 5_000, 5_000]])
+    calls = []
+    with open_counts(BRAIN) as matrix:
+        assert matrix.n_stored == expected.nnz
+        source = matrix._rows_source
+        original = type(source.data).__getitem__
+        monkeypatch.setattr(type(source.data), "__getitem__", lambda self, key: calls.append(key) or original(self, key))
+        got = matrix.read_rows_at(rows)
+        n_runs = len(calls) // 2  # data and indices per run
+        monkeypatch.setattr(readers, "RUN_GAP_VALUES", 0)  # every row its own run, unless adjacent in the file
+        again = matrix.read_rows_at(rows)
+    assert abs(got - expected[rows]).max() == 0 and abs(again - expected[rows]).max() == 0
+    assert 1 < n_runs < 300  # rows closer than RUN_GAP_VALUES share a read; far ones do not
+    assert len(calls) // 2 > n_runs
+
+
+def test_dense_and_in_memory_matrices_count_stored_values():
+    with open_counts(PBMC) as matrix:
+        assert matrix.n_stored == 200 * 16727
+    with open_counts(BMMC) as matrix:  # CSC, converted to CSR in memory
+        assert matrix.n_stored == anndata_counts(BMMC, "layers/counts").nnz
+
+
 def test_metadata_is_read():
     with open_counts(BMMC) as bmmc:
         assert bmmc.uns_organism == "human"

@@ -2,7 +2,9 @@
 
 import anndata
 import numpy as np
+import pytest
 import scipy.sparse as sp
+import torch
 
 from conftest import DATA
 from pipeline.tokens import cell_keys, lookup, select_genes
@@ -80,3 +82,36 @@ def test_vocabulary_barely_larger_than_max_len():
     assert all(len(np.unique(row)) == 290 for row in genes)
     everything = select_genes(counts, keys, 1000)  # max_len above the vocabulary: every gene once
     assert (everything == np.arange(300)).all()
+
+
+@pytest.mark.parametrize("name", ["tenx_mouse_brain_e18_10000x1000.h5ad", "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"])
+def test_held_dataset_gives_the_tokens_of_reads_from_the_file(tmp_path, monkeypatch, name):
+    """A worker holding a small dataset in memory feeds the model exactly what per-batch file reads give."""
+    import pipeline.data as data
+    from models import build_model
+    from pipeline.neighbors import neighbor_chunks, save_neighbors
+    from pipeline.plan import Unit, plan_dataset
+
+    config = build_model("tiny").config
+    plan = plan_dataset(0, str(DATA / name), config.genes, {"counts": "auto", "organism": None, "min_gene_coverage": 0})
+    save_neighbors(data.neighbors_path(tmp_path, 0), neighbor_chunks(plan.matrix))
+    unit = Unit(0, 0, 0, min(plan.n_cells, 2000))
+
+    def batches():
+        items = data.UnitBatches([unit], {0: plan}, vocabulary_offsets=config.organism_offsets, max_len=256,
+                                 batch_size=64, min_counts=1, min_genes=1, seed=0,
+                                 neighbors_dir=tmp_path / "neighbors")  # fmt: skip
+        return items, [items[i] for i in range(len(items))]
+
+    held, held_items = batches()
+    monkeypatch.setattr(data, "HELD_VALUES", 0)
+    read, read_items = batches()
+    assert held._held[1] is not None and read._held[1] is None
+    for a, b in zip(held_items, read_items, strict=True):
+        assert a["error"] == b["error"] == ""
+        for key in ("genes", "counts", "knn_counts", "knn_dists"):
+            assert torch.equal(a[key], b[key]), key
+        np.testing.assert_array_equal(a["cells"]["n_counts"], b["cells"]["n_counts"])
+    n_cells = sum(len(item["genes"]) for item in held_items)
+    assert n_cells + sum(len(item["dropped"]["row"]) for item in held_items) == unit.stop
+    assert (torch.cat([item["knn_counts"] for item in held_items]).sum((1, 2)) > 0).float().mean() > 0.9
