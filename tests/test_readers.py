@@ -61,7 +61,7 @@ def test_real_dataset_rows_match_anndata(path, n_cells, n_genes, location, stora
 
 def test_scattered_rows_are_read_in_runs(monkeypatch):
     """Rows far apart in the file: each run of nearby rows is one read, and the rows come back exact."""
-    import pipeline.readers as readers
+    from pipeline import readers
 
     expected = anndata_counts(BRAIN, "X")
     rng = np.random.default_rng(0)
