@@ -27,6 +27,7 @@ from pipeline.plan import Unit, plan_dataset
 REPO_DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 TILE_SOURCE = "tenx_mouse_brain_e18_10000x1000.h5ad"
+DEMO = "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
 PLAN_SETTINGS = {"counts": "auto", "organism": None, "min_gene_coverage": 0.0}
 # dense bf16 peak FLOP/s of common accelerators, for MFU (vendor figures, without sparsity)
 GPU_PEAK_BF16 = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
@@ -58,17 +59,23 @@ def data_path(path: Path, model, max_len: int, batch_size: int, work_dir: Path, 
         max_len=max_len, batch_size=batch_size, min_counts=1, min_genes=1, seed=0,
         neighbors_dir=work_dir / "neighbors" if uses_neighbors else None,
     )  # fmt: skip
-    for i in range(len(batches)):
-        item = batches[i]
-        if item["error"]:
-            raise RuntimeError(item["error"])
-    t2 = time.perf_counter()
+    seconds = []
+    for _ in range(2):  # the first pass opens the dataset (and holds it, when small); the second is steady state
+        start = time.perf_counter()
+        for i in range(len(batches)):
+            item = batches[i]
+            if item["error"]:
+                raise RuntimeError(item["error"])
+        seconds.append(time.perf_counter() - start)
+        if plan.n_cells >= 100_000:  # large files: one pass is steady state already
+            break
     return {
         "dataset": path.name,
         "cells": plan.n_cells,
         "neighbors_s": round(t1 - t0, 3),
-        "tokenize_cells_per_s": round(plan.n_cells / (t2 - t1), 1),
-        "cells_per_s": round(plan.n_cells / (t2 - t0), 1),
+        "tokenize_cells_per_s": round(plan.n_cells / seconds[0], 1),
+        "tokenize_warm_cells_per_s": round(plan.n_cells / seconds[-1], 1),
+        "cells_per_s": round(plan.n_cells / (seconds[0] + t1 - t0), 1),
     }
 
 
@@ -252,9 +259,10 @@ def main(argv: list[str]) -> int:
         row["model"] = name
         report["forward"].append(row)
     print("[4/4] end-to-end predict")
-    demo = PACKAGE_DATA / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
+    # the 10,000-cell file of a checkout, else the bundled demo (600 cells: start-up weighs more)
+    e2e_input = next(p for p in (REPO_DATA / TILE_SOURCE, PACKAGE_DATA / TILE_SOURCE, PACKAGE_DATA / DEMO) if p.is_file())
     trainer = "gpu" if device.type == "cuda" else "cpu"
-    report["end_to_end"] = end_to_end(demo, args.model, max_len, args.batch_size, args.workers, trainer, work_dir)
+    report["end_to_end"] = end_to_end(e2e_input, args.model, max_len, args.batch_size, args.workers, trainer, work_dir)
     forward_same = next(r for r in report["forward"] if r["model"] == args.model)
     report["end_to_end"]["pure_forward_cells_per_s"] = forward_same["cells_per_s"]
     if args.compare_upstream:
@@ -289,19 +297,20 @@ def print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    table = Table(title="data path (one worker: read + QC + genes + neighbours + tokens)")
-    for col in ("dataset", "cells", "neighbours s", "tokenize cells/s", "cells/s"):
+    console = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes: whole names, no wrapping
+    table = Table(title="data path, one worker (kNN graph: once per dataset, before; data path: read + QC + genes + "
+                        "neighbour counts + tokens, what each DataLoader worker does)")
+    for col in ("dataset", "cells", "kNN graph s", "data path cells/s", "2nd pass cells/s", "incl. kNN graph cells/s"):
         table.add_column(col, justify="right")
     for r in report["data_path"]:
         if "error" in r:
-            table.add_row(r["dataset"], "failed", r["error"], "", "")
+            table.add_row(r["dataset"], "failed", r["error"], "", "", "")
         else:
             table.add_row(r["dataset"], f"{r['cells']:,}", f"{r['neighbors_s']}", f"{r['tokenize_cells_per_s']:,.0f}",
-                          f"{r['cells_per_s']:,.0f}")  # fmt: skip
+                          f"{r['tokenize_warm_cells_per_s']:,.0f}", f"{r['cells_per_s']:,.0f}")  # fmt: skip
     for r in report["streaming"]:
         table.add_row(r["dataset"], f"{r['cells']:,}", f"{r['neighbors_s']}", f"{r['tokenize_cells_per_s']:,.0f}",
-                      f"{r['cells_per_s']:,.0f}  peak RSS {r['peak_rss_mib']:,.0f} MiB")  # fmt: skip
+                      "", f"{r['cells_per_s']:,.0f}  peak RSS {r['peak_rss_mib']:,.0f} MiB")  # fmt: skip
     console.print(table)
     table = Table(title="forward")
     for col in ("model", "max_len", "batch", "precision", "cells/s", "GFLOP/cell", "TFLOP/s", "MFU", "peak"):

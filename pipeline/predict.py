@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pandas as pd
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
@@ -81,7 +82,22 @@ class AtlasPredictor(L.LightningModule):
         if batch["error"] or len(batch["genes"]) == 0:
             return None
         out = self.model.predict(batch["genes"], batch["counts"], batch.get("knn_counts"), batch.get("knn_dists"))
-        return {k: v.cpu().numpy() for k, v in out.items()}
+        if not out["embs"].is_cuda:
+            return out
+        # copy to pinned host memory without waiting: the GPU goes on with the next batch, and the writer
+        # waits for the copies (host_outputs) only when the unit's files are written
+        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+                for k, v in out.items()}  # fmt: skip
+        host["copied"] = torch.cuda.Event()
+        host["copied"].record()
+        return host
+
+
+def host_outputs(prediction: dict) -> dict[str, np.ndarray]:
+    """A predict step's outputs as numpy arrays, once their copy from the GPU (if any) is complete."""
+    if "copied" in prediction:
+        prediction["copied"].synchronize()
+    return {k: v.numpy() for k, v in prediction.items() if k != "copied"}
 
 
 class PartWriter(BasePredictionWriter):
@@ -127,7 +143,7 @@ def write_part(out_dir: Path, run: int, unit: Unit, rank: int, state: dict, conf
     """Write one unit's embs/top3/scores/cells/dropped files atomically; return its done record."""
     width = sum(w for _, w in config.embedding_blocks)
     n_top = sum(config.topk.values())
-    outputs = state["outputs"]
+    outputs = [host_outputs(o) for o in state["outputs"]]
     arrays = {
         "embs": np.concatenate([o["embs"] for o in outputs]) if outputs else np.zeros((0, width), np.float32),
         "top3": np.concatenate([o["top_ids"] for o in outputs]).astype(np.int32)

@@ -207,11 +207,14 @@ def lookup(matrix: sp.csr_matrix, rows: np.ndarray, genes: np.ndarray) -> np.nda
     n_columns = matrix.shape[1]
     entry_rows = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
     entry_keys = entry_rows * n_columns + matrix.indices
-    query = (np.asarray(rows, dtype=np.int64)[:, None] * n_columns + genes).ravel()
+    rows = np.asarray(rows, dtype=np.int64)
+    by_row = np.argsort(rows, kind="stable")  # sorted queries (genes ascend within a row) search much faster
+    query = (rows[by_row, None] * n_columns + genes[by_row]).ravel()
     at = np.minimum(np.searchsorted(entry_keys, query), max(len(entry_keys) - 1, 0))
     found = entry_keys[at] == query if len(entry_keys) else np.zeros(len(query), dtype=bool)
-    values = np.where(found, matrix.data[at] if len(entry_keys) else 0, 0)
-    return values.reshape(genes.shape).astype(np.float32)
+    values = np.empty(genes.shape, dtype=np.float32)
+    values[by_row] = np.where(found, matrix.data[at] if len(entry_keys) else 0, 0).reshape(genes.shape)
+    return values
 
 
 def qc_reasons(

@@ -1,0 +1,33 @@
+"""``scatlas bench`` end to end, at small sizes: every section is measured and written."""
+
+import json
+
+from pipeline import bench
+
+
+def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = bench.main(["--forward-models", "tiny", "--large-cells", "3000", "--seconds", "0.5", "--workers", "0",
+                       "--work-dir", str(tmp_path / "work"), "--json", str(out)])  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    # data path: every shipped dataset, all cells tokenized, rates measured
+    names = {r["dataset"] for r in report["data_path"]}
+    assert names == {p.name for p in bench.shared_datasets()} and len(names) == 6
+    for row in report["data_path"]:
+        assert row["cells"] > 0 and row["tokenize_cells_per_s"] > 0 and row["tokenize_warm_cells_per_s"] > 0
+        assert row["dataset"] in printed
+    # streaming a tiled file of real cells in a fresh process, with its peak memory
+    (stream,) = report["streaming"]
+    assert stream["cells"] == 3000 and 100 < stream["peak_rss_mib"] < 4096
+    # forward: FLOPs from the config, MFU against a measured peak
+    (forward,) = report["forward"]
+    assert forward["model"] == "tiny" and forward["cells_per_s"] > 0
+    assert abs(forward["flop_per_s"] / (forward["cells_per_s"] * forward["flops_per_cell"]) - 1) < 1e-3
+    assert 0 < forward["mfu"] < 1.5
+    # end to end: scatlas predict on the 10,000 mouse-brain cells, next to the forward rate
+    e2e = report["end_to_end"]
+    assert e2e["exit_code"] == 0 and e2e["cells"] == 10_000
+    assert e2e["predict_loop_cells_per_s"] > 0 and e2e["pure_forward_cells_per_s"] == forward["cells_per_s"]
+    assert "end-to-end predict" in printed and "figures written to" in printed
