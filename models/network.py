@@ -92,7 +92,14 @@ class ScPrint2Config:
         return {c: 1 if n <= 2 else min(3, n) for c, n in self.classes.items()}
 
     def flops_per_cell(self, max_len: int, n_neighbors: int = 6) -> float:
-        """Forward FLOPs for one cell of ``max_len`` gene tokens (multiply-add = 2)."""
+        """Forward FLOPs for one cell of ``max_len`` gene tokens (multiply-add = 2), for MFU.
+
+        Counted for the network as upstream computes it (key/value projections
+        of every gene token in each cross-attention layer, neighbour encoder's
+        last layer per neighbour), so MFU figures compare with upstream's;
+        this implementation skips part of that work (see
+        :class:`CrossAttention` and :class:`MetacellExpressionEncoder`).
+        """
         L, D, Dc = max_len, self.d_model, self.cell_dim
         C1 = len(self.classes) + 1
         hd, hdc = D // self.nhead, Dc // self.nhead_cell
