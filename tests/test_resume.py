@@ -157,3 +157,53 @@ def test_bad_inputs_are_recorded_by_name_and_the_rest_is_embedded(tmp_path):
     again = run(predict_args(out, inputs, ["data.cells_per_unit=200"]))
     assert again.returncode == 3
     assert {p: r["files"] for p, r in load_state(out).done.items()} == before
+
+
+def test_a_unit_that_cannot_be_read_fails_alone_and_is_retried(tmp_path):
+    """A corrupt chunk past the rows checked at planning, with no neighbour pass to find it first (a
+    continuous-expression, scPRINT-1 style model): only the unit holding it fails, by name; the rest is embedded."""
+    import h5py
+    import torch
+
+    from models import ScPrint2Config, random_model, save_checkpoint
+    from models.presets import preset_config
+
+    base = preset_config("tiny")
+    config = ScPrint2Config(
+        genes=base.genes, organisms=base.organisms, classes=base.classes, label_decoders=base.label_decoders,
+        d_model=32, nhead=4, num_heads_kv=4, nlayers=2, cell_specific_blocks=False, expr_emb_style="continuous",
+        expr_encoder_layers=2, normalization="sum", finetune_gene_emb=False, layers_cls=[16],
+        compress_class_dim=None, has_pos_encoder=False,
+    )  # fmt: skip
+    checkpoint = save_checkpoint(random_model(config, seed=2), tmp_path / "continuous.ckpt")
+    brain = anndata.read_h5ad(DATA / "tenx_mouse_brain_e18_10000x1000.h5ad")[:3000].copy()
+    brain.X = sp.csr_matrix(brain.X)
+    path = tmp_path / "corrupt_chunk.h5ad"
+    brain.write_h5ad(path, compression="gzip")
+    with h5py.File(path, "r") as h5:  # the compressed chunk holding row 2500's counts
+        data, at = h5["X/data"], int(h5["X/indptr"][2500])
+        chunk = data.id.get_chunk_info_by_coord((at // data.chunks[0] * data.chunks[0],))
+    with open(path, "r+b") as raw:
+        raw.seek(chunk.byte_offset + 8)
+        raw.write(b"\xff" * 64)
+    out = tmp_path / "atlas"
+    args = predict_args(out, [path], ["data.cells_per_unit=1000", f"model.checkpoint={checkpoint}"])
+    proc = run(args)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    state = load_state(out)
+    assert sorted(state.done) == [0, 1] and sorted(state.failed) == [2]
+    error = state.failed[2]["error"]
+    assert error.startswith(f"{path}: cannot read rows [2") and "filter returned failure" in error and "\n" not in error
+    assert error in proc.stdout  # the summary names it
+    cells = pd.concat(pd.read_parquet(out / f"{r['stem']}_cells.parquet") for r in state.done.values())
+    dropped = pd.concat(pd.read_parquet(out / f"{r['stem']}_dropped.parquet") for r in state.done.values())
+    assert sorted([*cells["row"], *dropped["row"]]) == list(range(2000))  # every cell of the readable units
+    assert validate(out) == []
+    status = run([sys.executable, "-m", "pipeline", "status", str(out)]).stdout
+    assert "1 failed" in status and "corrupt_chunk.h5ad" in status
+    # a re-run retries the failed unit only, and it fails again the same way; done parts are untouched
+    before = {p: r["files"] for p, r in state.done.items()}
+    again = run(args)
+    assert again.returncode == 3 and error in again.stdout
+    assert {p: r["files"] for p, r in load_state(out).done.items()} == before
+    assert torch.load(checkpoint, weights_only=True)["hyper_parameters"]["expr_emb_style"] == "continuous"

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-
 from conftest import DATA
+
 from pipeline.tokens import cell_keys, lookup, select_genes
 
 PBMC = DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"
@@ -87,8 +87,8 @@ def test_vocabulary_barely_larger_than_max_len():
 @pytest.mark.parametrize("name", ["tenx_mouse_brain_e18_10000x1000.h5ad", "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"])
 def test_held_dataset_gives_the_tokens_of_reads_from_the_file(tmp_path, monkeypatch, name):
     """A worker holding a small dataset in memory feeds the model exactly what per-batch file reads give."""
-    from pipeline import data
     from models import build_model
+    from pipeline import data
     from pipeline.neighbors import neighbor_chunks, save_neighbors
     from pipeline.plan import Unit, plan_dataset
 
