@@ -322,12 +322,12 @@ def to_vocabulary(counts, columns, n_vocab):
     Returns
     -------
     scipy.sparse.csr_matrix
-        ``[n_cells, n_vocab]``, same dtype, canonical (sorted columns, no repeats).
+        ``[n_cells, n_vocab]``, same dtype, canonical (sorted columns, no repeats, no stored zeros).
     """
     counts = sp.csr_matrix(counts)
     n_cells = counts.shape[0]
     target = columns[counts.indices]
-    keep = target >= 0
+    keep = (target >= 0) & (counts.data != 0)  # explicit zeros stored by some writers are not expressed genes
     rows = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(counts.indptr))[keep]
     keys = rows * n_vocab + target[keep]
     data = counts.data[keep]

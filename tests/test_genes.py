@@ -164,12 +164,22 @@ def test_vocabulary_columns_sum_repeated_genes():
     np.testing.assert_array_equal(per_vocabulary_gene[:, 3], dense[:, 10])
     np.testing.assert_array_equal(per_vocabulary_gene[:, 4], dense[:, 6])
     # checked against the canonical scipy form: sorted columns, repeats summed once
-    mapped_genes = np.flatnonzero(columns >= 0)
-    reference = sp.csr_matrix((np.ones(mapped_genes.size, dtype=np.float32), (mapped_genes, columns[mapped_genes])),
-                              shape=(1000, 5))  # fmt: skip
-    reference = (rows @ reference).tocsr()
+    reference = (rows @ reference_matrix(columns, 5)).tocsr()
     reference.sum_duplicates()
     np.testing.assert_array_equal(mapped.indptr, reference.indptr)
     np.testing.assert_array_equal(mapped.indices, reference.indices)
+    # explicitly stored zeros are not expressed genes
+    with_zeros = rows.copy()
+    with_zeros.data[::7] = 0
+    mapped = to_vocabulary(with_zeros, columns, len(vocabulary))
+    assert (mapped.data != 0).all()
+    np.testing.assert_array_equal(mapped.toarray(), (with_zeros @ reference_matrix(columns, 5)).toarray())
     with pytest.raises(ValueError, match="repeats gene"):
         vocabulary_columns(ids, ["A", "B", "A"])
+
+
+def reference_matrix(columns, n_vocab):
+    """Dataset genes x vocabulary 0/1 matrix: the sparse-product form of the mapping."""
+    mapped_genes = np.flatnonzero(columns >= 0)
+    ones = np.ones(mapped_genes.size, dtype=np.float32)
+    return sp.csr_matrix((ones, (mapped_genes, columns[mapped_genes])), shape=(len(columns), n_vocab))
