@@ -66,3 +66,16 @@ def reference(tmp_path_factory):
     return cells_and_outputs(out)
 
 
+def scprint1_style_config():
+    """A small scPRINT-1 style network over the tiny preset's genes and classes: no cell transformer (class
+    tokens prepended to the genes), continuous expression encoder (no neighbours), no compressors."""
+    from models import ScPrint2Config
+    from models.presets import preset_config
+
+    base = preset_config("tiny")
+    return ScPrint2Config(
+        genes=base.genes, organisms=base.organisms, classes=base.classes, label_decoders=base.label_decoders,
+        d_model=32, nhead=4, num_heads_kv=4, nlayers=2, cell_specific_blocks=False, expr_emb_style="continuous",
+        expr_encoder_layers=2, normalization="sum", finetune_gene_emb=False, layers_cls=[16],
+        compress_class_dim=None, has_pos_encoder=False,
+    )  # fmt: skip

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import scprint1_style_config
 from models import (
     CheckpointError,
-    ScPrint2Config,
     build_model,
     load_checkpoint,
     preset_config,
@@ -272,13 +272,7 @@ def test_build_model_warns_about_random_weights_and_is_deterministic():
 
 def test_scprint1_style_checkpoint_loads(tmp_path):
     """No cell transformer, class tokens prepended to the genes, continuous expression encoder, flat gene list."""
-    base = preset_config("tiny")
-    config = ScPrint2Config(
-        genes=base.genes, organisms=base.organisms, classes=base.classes, label_decoders=base.label_decoders,
-        d_model=32, nhead=4, num_heads_kv=4, nlayers=2, cell_specific_blocks=False, expr_emb_style="continuous",
-        expr_encoder_layers=2, normalization="sum", finetune_gene_emb=False, layers_cls=[16],
-        compress_class_dim=None, has_pos_encoder=False,
-    )  # fmt: skip
+    config = scprint1_style_config()
     model = random_model(config, seed=2)
     assert "cell_transformer.norm.weight" not in model.state_dict()
     assert tuple(model.state_dict()["class_encoder.embedding.weight"].shape) == (10, 32)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from conftest import DATA, SMALL, cells_and_outputs, interrupt, predict_args, run
+from conftest import DATA, SMALL, cells_and_outputs, interrupt, predict_args, run, scprint1_style_config
 from pipeline.atlas import load_state, validate
 
 def assert_same_atlas(out, reference):
@@ -165,16 +165,9 @@ def test_a_unit_that_cannot_be_read_fails_alone_and_is_retried(tmp_path):
     import h5py
     import torch
 
-    from models import ScPrint2Config, random_model, save_checkpoint
-    from models.presets import preset_config
+    from models import random_model, save_checkpoint
 
-    base = preset_config("tiny")
-    config = ScPrint2Config(
-        genes=base.genes, organisms=base.organisms, classes=base.classes, label_decoders=base.label_decoders,
-        d_model=32, nhead=4, num_heads_kv=4, nlayers=2, cell_specific_blocks=False, expr_emb_style="continuous",
-        expr_encoder_layers=2, normalization="sum", finetune_gene_emb=False, layers_cls=[16],
-        compress_class_dim=None, has_pos_encoder=False,
-    )  # fmt: skip
+    config = scprint1_style_config()
     checkpoint = save_checkpoint(random_model(config, seed=2), tmp_path / "continuous.ckpt")
     brain = anndata.read_h5ad(DATA / "tenx_mouse_brain_e18_10000x1000.h5ad")[:3000].copy()
     brain.X = sp.csr_matrix(brain.X)
