@@ -332,7 +332,7 @@ def to_vocabulary(counts, columns, n_vocab):
     keys = rows * n_vocab + target[keep]
     data = counts.data[keep]
     if keys.size > 1 and not (keys[1:] > keys[:-1]).all():  # dataset order is not vocabulary order
-        order = np.argsort(keys, kind="stable")
+        order = np.argsort(keys)  # repeats are summed: their order does not matter
         keys, data = keys[order], data[order]
         first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
         if first.size < keys.size:  # dataset genes sharing a vocabulary gene

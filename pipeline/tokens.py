@@ -149,7 +149,7 @@ def select_genes(
 
     rows, genes = np.concatenate(taken_rows), np.concatenate(taken_genes)
     chosen = np.zeros((n_cells, length), dtype=np.int64)
-    order = np.argsort(rows, kind="stable")
+    order = np.argsort(rows)  # by cell; the genes of a cell are sorted at the end
     rows, genes = rows[order], genes[order]
     filled = np.bincount(rows, minlength=n_cells)
     complete = filled == length
