@@ -61,7 +61,7 @@ class UnitBatches(Dataset):
             for start in range(unit.start, unit.stop, batch_size):
                 stop = min(start + batch_size, unit.stop)
                 self.items.append((unit, start, stop, stop == unit.stop))
-        # the last dataset's neighbour graph, and its vocabulary counts when small (see _vocabulary_rows)
+        # the last dataset's neighbour graph, and its vocabulary counts when small (see _hold)
         self._neighbors: tuple[int, tuple[np.ndarray, np.ndarray] | None] = (-1, None)
         self._held: tuple[int, tuple[sp.csr_matrix, np.ndarray] | None] = (-1, None)
 
@@ -119,8 +119,7 @@ class UnitBatches(Dataset):
             knn_vocab, knn_rows, dists = self._neighbor_counts(ds, cells["row"])
             k = knn_rows.shape[1]
             # only cells expressing fewer than max_len genes look at what their neighbours express
-            short = np.flatnonzero(np.add.reduceat(vocab.data > 0, vocab.indptr[:-1]) * (np.diff(vocab.indptr) > 0)
-                                   < length)  # fmt: skip
+            short = np.flatnonzero(cells["n_genes"] < length)  # (to_vocabulary stores no zeros)
             # [n, n_neighbours_read] with a 1 per (short cell, neighbour): times their counts = summed neighbour counts
             pick = sp.csr_matrix((np.ones(short.size * k), (np.repeat(short, k), knn_rows[short].ravel())),
                                  shape=(n, knn_vocab.shape[0]))  # fmt: skip
@@ -155,8 +154,7 @@ class UnitBatches(Dataset):
         held = self._hold(ds)
         if held is not None:
             return held[0][start:stop], held[1][start:stop]
-        raw = ds.matrix.read_rows(start, stop)
-        return to_vocabulary(raw, ds.gene_columns, ds.n_vocab), np.asarray(raw.sum(1)).ravel()
+        return _read_vocabulary_counts(ds, start, stop)
 
     def _vocabulary_rows(self, ds: DatasetPlan, rows: np.ndarray) -> sp.csr_matrix:
         """Vocabulary counts of sorted, unique ``rows``."""
@@ -176,13 +174,17 @@ class UnitBatches(Dataset):
         if self._held[0] != ds.dataset:
             self._held = (ds.dataset, None)  # let the previous one go first
             if self.neighbors_dir is not None and ds.matrix.n_stored <= HELD_VALUES:
-                vocab, totals = [], []
-                for start in range(0, ds.n_cells, HELD_BLOCK_ROWS):
-                    raw = ds.matrix.read_rows(start, min(start + HELD_BLOCK_ROWS, ds.n_cells))
-                    vocab.append(to_vocabulary(raw, ds.gene_columns, ds.n_vocab))
-                    totals.append(np.asarray(raw.sum(1)).ravel())
+                blocks = [_read_vocabulary_counts(ds, start, min(start + HELD_BLOCK_ROWS, ds.n_cells))
+                          for start in range(0, ds.n_cells, HELD_BLOCK_ROWS)]  # fmt: skip
+                vocab, totals = zip(*blocks)
                 self._held = (ds.dataset, (sp.vstack(vocab, format="csr"), np.concatenate(totals)))
         return self._held[1]
+
+
+def _read_vocabulary_counts(ds: DatasetPlan, start: int, stop: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Rows ``[start, stop)`` read from the file: their vocabulary counts, and their total counts over all genes."""
+    raw = ds.matrix.read_rows(start, stop)
+    return to_vocabulary(raw, ds.gene_columns, ds.n_vocab), np.asarray(raw.sum(1)).ravel()
 
 
 class AtlasDataModule(L.LightningDataModule):

@@ -34,11 +34,10 @@ KMEANS_SAMPLE_PER_LIST = 40
 KMEANS_ITERATIONS = 10
 #: ... then each cell's neighbours' neighbours are compared, this many times.
 REFINE_ROUNDS = 2
-#: Cells whose candidate distances are recomputed at a time.
-DISTANCE_CHUNK_CELLS = 50_000
 #: Neighbours are searched within row chunks of at most this many cells (bounds memory on huge datasets).
 GRAPH_CHUNK_CELLS = 1_000_000
-#: Largest [queries, points] distance matrix of the approximate search (64 MiB of float32).
+#: Largest [queries, points] distance matrix of the approximate search (64 MiB of float32); also the bytes of
+#: float64 coordinate differences when the kept candidates' distances are recomputed exactly.
 DISTANCE_BLOCK_VALUES = 16_000_000
 
 
@@ -216,14 +215,7 @@ def _nearest_other_cells(coordinates, n_neighbors, seed):
     n_candidates = min(n_cells, n_neighbors + 1)
     search = NearestNeighbors(n_neighbors=n_candidates, algorithm="brute").fit(coordinates)
     candidates = search.kneighbors(coordinates, return_distance=False)
-    indices = np.empty((n_cells, n_neighbors), dtype=np.int64)
-    distances = np.empty((n_cells, n_neighbors), dtype=np.float32)
-    for start in range(0, n_cells, DISTANCE_CHUNK_CELLS):
-        stop = min(start + DISTANCE_CHUNK_CELLS, n_cells)
-        indices[start:stop], distances[start:stop] = _sort_candidates(
-            coordinates, np.arange(start, stop), candidates[start:stop], n_neighbors
-        )
-    return indices, distances
+    return _nearest_candidates(coordinates, candidates.__getitem__, n_candidates, n_neighbors)
 
 
 def _inverted_list_search(coordinates, n_neighbors, seed):
@@ -264,21 +256,17 @@ def _inverted_list_search(coordinates, n_neighbors, seed):
             score, keep = torch.topk(score, n_candidates, dim=1, largest=False)
             best_score[cells], best[cells] = score, at.gather(1, keep)
     best = best.numpy()
-    indices = np.empty((n_cells, n_neighbors), dtype=np.int64)
-    distances = np.empty((n_cells, n_neighbors), dtype=np.float32)
-    step = max(1, DISTANCE_BLOCK_VALUES // (8 * n_candidates * coordinates.shape[1]))
-    for start in range(0, n_cells, step):
-        rows = np.arange(start, min(start + step, n_cells))
-        indices[rows], distances[rows] = _sort_candidates(coordinates, rows, best[rows], n_neighbors)
-    del best, best_score
+    del best_score
+    indices, distances = _nearest_candidates(coordinates, best.__getitem__, n_candidates, n_neighbors)
+    del best
+
+    def neighbours_of_neighbours(rows):
+        found = indices[rows]
+        return _first_of_repeats(np.concatenate([found, indices[found].reshape(rows.size, -1)], axis=1))
+
     for _ in range(REFINE_ROUNDS):  # a neighbour's neighbour may be nearer: what a list boundary hid
-        step = max(1, DISTANCE_BLOCK_VALUES // (8 * n_neighbors * (n_neighbors + 1) * coordinates.shape[1]))
-        for start in range(0, n_cells, step):
-            rows = np.arange(start, min(start + step, n_cells))
-            found = indices[rows]
-            candidates = np.concatenate([found, indices[found].reshape(rows.size, -1)], axis=1)
-            indices[rows], distances[rows] = _sort_candidates(coordinates, rows, _first_of_repeats(candidates),
-                                                              n_neighbors)  # fmt: skip
+        _nearest_candidates(coordinates, neighbours_of_neighbours, n_neighbors * (n_neighbors + 1), n_neighbors,
+                            out=(indices, distances))  # fmt: skip
     log.info("approximate kNN (%d k-means lists, %d probed, seed %d) of %d cells", n_lists, n_probe, seed,
              n_cells)  # fmt: skip
     return indices, distances
@@ -311,6 +299,24 @@ def _kmeans(coordinates, n_lists, seed):
         filled = sizes > 0  # an emptied list keeps its centroid
         centroids[filled] = sums[filled] / sizes[filled, None].to(sums.dtype)
     return centroids.numpy()
+
+
+def _nearest_candidates(coordinates, candidates_of, n_candidates, n_neighbors, out=None):
+    """Each cell's ``n_neighbors`` nearest among ``candidates_of(rows)`` ([rows, n_candidates], -1 for none).
+
+    Rows go in chunks that bound the distance computation's memory, in order,
+    each written to ``out`` (``(indices, distances)``, new arrays if None)
+    before the next chunk's candidates are asked for.
+    """
+    n_cells = coordinates.shape[0]
+    if out is None:
+        out = (np.empty((n_cells, n_neighbors), dtype=np.int64), np.empty((n_cells, n_neighbors), dtype=np.float32))
+    indices, distances = out
+    step = max(1, DISTANCE_BLOCK_VALUES // (8 * n_candidates * coordinates.shape[1]))
+    for start in range(0, n_cells, step):
+        rows = np.arange(start, min(start + step, n_cells))
+        indices[rows], distances[rows] = _sort_candidates(coordinates, rows, candidates_of(rows), n_neighbors)
+    return indices, distances
 
 
 def _sort_candidates(coordinates, rows, candidates, n_neighbors):

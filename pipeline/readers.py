@@ -110,7 +110,7 @@ class CountMatrix:
     # what close() closes: an h5py.File or pd.HDFStore; None for zarr and in-memory matrices
     _file: object = field(default=None, repr=False)
     # a dense h5py/zarr array, or anything that returns rows for a slice or sorted row indices
-    # (anndata CSR dataset, in-memory scipy CSR, the row readers of pipeline.formats)
+    # (CSRRows, in-memory scipy CSR, the row readers of pipeline.formats)
     _rows_source: object = field(default=None, repr=False)
 
     @property

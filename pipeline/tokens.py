@@ -130,7 +130,7 @@ def select_genes(
             nr, ng, ns = nr[new], ng[new], ns[new]
             # most counts first (saturating at 2^20 - 1), then the random tie-break
             most_first = np.uint64(COUNT_MAX) - np.minimum(ns, COUNT_MAX).astype(np.uint64)
-            tie = _hash(keys[nr], ng, _GENE_STRIDE) >> np.uint64(64 - (64 - ROW_BITS - COUNT_BITS))
+            tie = _hash(keys[nr], ng, _GENE_STRIDE) >> np.uint64(ROW_BITS + COUNT_BITS)  # its top bits
             take(nr, ng, _rank_in_row(nr, (most_first << np.uint64(64 - COUNT_BITS)) | (tie << np.uint64(ROW_BITS))))
 
         # round 3: random draws over the vocabulary, in draw order
@@ -207,14 +207,11 @@ def lookup(matrix: sp.csr_matrix, rows: np.ndarray, genes: np.ndarray) -> np.nda
     n_columns = matrix.shape[1]
     entry_rows = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
     entry_keys = entry_rows * n_columns + matrix.indices
-    rows = np.asarray(rows, dtype=np.int64)
-    by_row = np.argsort(rows, kind="stable")  # sorted queries (genes ascend within a row) search much faster
-    query = (rows[by_row, None] * n_columns + genes[by_row]).ravel()
+    query = (np.asarray(rows, dtype=np.int64)[:, None] * n_columns + genes).ravel()
     at = np.minimum(np.searchsorted(entry_keys, query), max(len(entry_keys) - 1, 0))
     found = entry_keys[at] == query if len(entry_keys) else np.zeros(len(query), dtype=bool)
-    values = np.empty(genes.shape, dtype=np.float32)
-    values[by_row] = np.where(found, matrix.data[at] if len(entry_keys) else 0, 0).reshape(genes.shape)
-    return values
+    values = np.where(found, matrix.data[at] if len(entry_keys) else 0, 0)
+    return values.reshape(genes.shape).astype(np.float32)
 
 
 def qc_reasons(

@@ -2,9 +2,9 @@
 
 
 import numpy as np
-import scipy.sparse as sp
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from pipeline.genes import ORGANISMS, gene_table, organism_id, to_ensembl, to_vocabulary, vocabulary_columns
 from conftest import BMMC, BRAIN, CD4T, HEART, PBMC, SPLEEN

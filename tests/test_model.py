@@ -8,8 +8,8 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import scprint1_style_config
+
 from models import (
     CheckpointError,
     build_model,
