@@ -28,6 +28,9 @@ REPO_DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 TILE_SOURCE = "tenx_mouse_brain_e18_10000x1000.h5ad"
 DEMO = "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
+#: --precision -> autocast dtype of the timed forward (none: fp32), and the same for Lightning in end-to-end
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
+TRAINER_PRECISION = {"bf16": "bf16-mixed", "16": "16-mixed", "32": "32-true"}
 PLAN_SETTINGS = {"counts": "auto", "organism": None, "min_gene_coverage": 0.0}
 # dense bf16 peak FLOP/s of common accelerators, for MFU (vendor figures, without sparsity)
 GPU_PEAK_BF16 = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
@@ -149,7 +152,7 @@ def forward_rate(model, max_len: int, batch_size: int, precision: str, device: t
     knn = torch.poisson(torch.full((batch_size, k, max_len), 2.0), generator=gen)
     dists = torch.rand(batch_size, k, generator=gen)
     inputs = [t.to(device) for t in (genes, counts, knn, dists)]
-    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
+    dtype = AUTOCAST_DTYPES.get(precision)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     with torch.inference_mode(), autocast:
         model.predict(*inputs)  # warm-up
@@ -201,8 +204,7 @@ def end_to_end(path: Path, model, model_name: str, max_len: int, batch_size: int
     trainer = "gpu" if device.type == "cuda" else "cpu"
     overrides = [f"input={path}", f"out_dir={out}", f"model={model_name}", f"model.max_len={max_len}",
                  f"data.batch_size={batch_size}", f"data.num_workers={workers}", f"trainer={trainer}"]  # fmt: skip
-    if device.type == "cuda":
-        overrides.append(f"trainer.precision={ {'bf16': 'bf16-mixed', '16': '16-mixed', '32': '32-true'}[precision]}")
+    overrides.append(f"trainer.precision={TRAINER_PRECISION[precision]}")  # as the forward timed below
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="predict", overrides=overrides)
     t0 = time.perf_counter()
@@ -225,7 +227,7 @@ def end_to_end(path: Path, model, model_name: str, max_len: int, batch_size: int
         if len(batch["genes"]):
             inputs.append([None if batch.get(k) is None else batch[k].to(device)
                            for k in ("genes", "counts", "knn_counts", "knn_dists")])  # fmt: skip
-    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
+    dtype = AUTOCAST_DTYPES.get(precision)
     model = model.to(device).eval()
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         model.predict(*inputs[0])  # warm-up
