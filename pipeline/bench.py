@@ -23,6 +23,7 @@ from models import build_model
 from pipeline.data import UnitBatches, neighbors_path
 from pipeline.neighbors import neighbor_chunks, save_neighbors
 from pipeline.plan import Unit, plan_dataset
+from pipeline.predict import keep_freed_memory
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
@@ -106,6 +107,7 @@ def streaming_peak_rss(path: Path, model_name: str, max_len: int, batch_size: in
     code = (
         "import json, resource, sys, warnings; warnings.simplefilter('ignore');"
         "from pathlib import Path; from models import build_model; from pipeline.bench import data_path;"
+        "from pipeline.predict import keep_freed_memory; keep_freed_memory();"
         f"r = data_path(Path({str(path)!r}), build_model({model_name!r}), {max_len}, {batch_size}, Path({str(work_dir)!r}));"
         "r['peak_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print(json.dumps(r))"
     )
@@ -269,6 +271,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--compare-upstream", action="store_true",
                         help="also time upstream scprint2's forward on the same shape and weights")  # fmt: skip
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as scatlas predict runs (and its DataLoader workers, forked from it)
     warnings.filterwarnings("ignore", message=".*random weights.*")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or ("bf16" if device.type == "cuda" else "32")
@@ -363,5 +366,22 @@ def print_report(report: dict) -> None:
                   f"the same batches, {e2e['forward_same_batches_cells_per_s']:,.0f} cells/s); overall "
                   f"{e2e['overall_cells_per_s']:,.0f} cells/s incl. start-up and the kNN graph")  # fmt: skip
     if "upstream" in report:
-        console.print(f"upstream comparison: {json.dumps(report['upstream'], default=float)}")
+        up = report["upstream"]
+        shape = up["shape"]
+        table = Table(title=f"forward vs upstream {up['upstream']}: d_model {shape['d_model']}, {shape['nlayers']} + "
+                            f"{shape['nlayers_cell']} layers, max_len {shape['max_len']}, batch {shape['batch_size']}, "
+                            f"{up['threads']} threads, {up['inputs']}, max diff {up['max_abs_diff']:.1e}")  # fmt: skip
+        for col in ("forward", "cells/s", "ours / it"):
+            table.add_column(col, justify="right")
+        table.add_row("ours, cells side by side (as scatlas runs it)", f"{up['cells_per_s_ours']:.2f}", "")
+        table.add_row("ours, one forward over all threads", f"{up['cells_per_s_ours_one_forward']:.2f}", "")
+        table.add_row("upstream, attention dropout 0 (equal outputs)", f"{up['cells_per_s_upstream']:.2f}",
+                      f"{up['ratio']:.2f}x")  # fmt: skip
+        if up["cells_per_s_upstream_kept_memory"]:
+            table.add_row("upstream, dropout 0, with our malloc settings", f"{up['cells_per_s_upstream_kept_memory']:.2f}",
+                          f"{up['ratio_kept_memory']:.2f}x")  # fmt: skip
+        table.add_row(f"upstream as shipped (dropout {up['upstream_shipped_dropout']} in eval)",
+                      f"{up['cells_per_s_upstream_shipped']:.2f}", f"{up['ratio_shipped']:.2f}x")  # fmt: skip
+        console.print(table)
+        console.print(f"load average before / after the comparison: {up['load_average']}")
     console.print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")

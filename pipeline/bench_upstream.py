@@ -27,6 +27,7 @@ from models.presets import demo_vocabulary
 from pipeline.data import UnitBatches, neighbors_path
 from pipeline.neighbors import neighbor_chunks, save_neighbors
 from pipeline.plan import Unit, plan_dataset
+from pipeline.predict import keep_freed_memory
 
 REPO = Path(__file__).resolve().parent.parent
 UPSTREAM_VENV = REPO / ".cache" / "upstream-venv"
@@ -174,7 +175,10 @@ def compare_upstream(
     - ``cells_per_s_upstream`` (attention dropout 0: equal outputs) and
       ``cells_per_s_upstream_shipped`` (its shipped attention dropout, applied in
       eval: stochastic outputs, ``upstream_shipped_max_abs_diff`` away);
-    - ``ratio`` = ours / upstream, ``ratio_one_forward``, ``ratio_shipped`` (ours / upstream as shipped);
+    - ``cells_per_s_upstream_kept_memory``: upstream (dropout 0) again, with the glibc malloc settings
+      ours runs with (:func:`pipeline.predict.keep_freed_memory`; None without glibc);
+    - ``ratio`` = ours / upstream, ``ratio_one_forward``, ``ratio_shipped`` (ours / upstream as shipped),
+      ``ratio_kept_memory`` (ours / upstream with the same malloc settings);
     - ``max_abs_diff`` (embeddings and logits, both ways of running ours), ``flops_per_cell``;
     - the seconds of every timed batch, and the 1-minute load average before the run and at its end
       (which counts this run itself): other processes on the CPU skew every figure.
@@ -185,6 +189,7 @@ def compare_upstream(
         Upstream failed, or the outputs differ by more than 1e-4.
     """
     python = find_upstream_python(upstream_python)
+    keep_freed_memory()  # as scatlas predict runs
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir) if work_dir is not None else Path(tmp)
@@ -221,6 +226,7 @@ def compare_upstream(
     shape = {**upstream["shape"], "max_len": max_len, "batch_size": batch_size}
     shape.update(neighbors=upstream["neighbors"], n_genes=upstream["n_genes"])
     ours, theirs, shipped = rate(side_by_side), rate(upstream["seconds_dropout0"]), rate(upstream["seconds_shipped"])
+    kept = rate(upstream["seconds_dropout0_kept_memory"]) if upstream["seconds_dropout0_kept_memory"] else None
     return {
         "shape": shape,
         "threads": threads,
@@ -232,7 +238,9 @@ def compare_upstream(
         "cells_per_s_upstream_shipped": shipped,
         "upstream_shipped_dropout": upstream["shipped_dropout"],
         "upstream_shipped_max_abs_diff": upstream["shipped_vs_dropout0_max_abs_diff"],
+        "cells_per_s_upstream_kept_memory": kept,
         "ratio": ours / theirs,
+        "ratio_kept_memory": ours / kept if kept else None,
         "ratio_one_forward": rate(one_forward) / theirs,
         "ratio_shipped": ours / shipped,
         "max_abs_diff": diff,
@@ -241,5 +249,6 @@ def compare_upstream(
         "seconds_ours_one_forward": one_forward,
         "seconds_upstream": upstream["seconds_dropout0"],
         "seconds_upstream_shipped": upstream["seconds_shipped"],
+        "seconds_upstream_kept_memory": upstream["seconds_dropout0_kept_memory"],
         "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     }

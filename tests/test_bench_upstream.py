@@ -23,10 +23,12 @@ def test_compare_upstream_small_shape(upstream_python, tmp_path):  # noqa: F811
     assert result["threads"] == 2
     assert result["upstream"].startswith("scprint2 1.0.3")
     for key in ("cells_per_s_ours", "cells_per_s_ours_one_forward", "cells_per_s_upstream",
-                "cells_per_s_upstream_shipped", "ratio", "ratio_one_forward", "ratio_shipped", "flops_per_cell"):  # fmt: skip
+                "cells_per_s_upstream_shipped", "cells_per_s_upstream_kept_memory", "ratio", "ratio_one_forward",
+                "ratio_shipped", "ratio_kept_memory", "flops_per_cell"):  # fmt: skip
         assert np.isfinite(result[key]) and result[key] > 0, key
     assert np.isclose(result["ratio"], result["cells_per_s_ours"] / result["cells_per_s_upstream"])
-    for key in ("seconds_ours", "seconds_ours_one_forward", "seconds_upstream", "seconds_upstream_shipped"):
+    for key in ("seconds_ours", "seconds_ours_one_forward", "seconds_upstream", "seconds_upstream_shipped",
+                "seconds_upstream_kept_memory"):
         assert len(result[key]) == 1, key
     assert len(result["load_average"]) == 2
     # upstream's shipped attention dropout (0.02) is applied in eval: why equal outputs need it at 0

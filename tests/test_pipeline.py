@@ -203,3 +203,32 @@ def test_validate_catches_duplicated_and_missing_cells_even_with_matching_checks
     record["files"][embs_path.name] = file_sha256(embs_path)
     manifest.mark_done(copy, state.run, record)
     assert any(f"part {record['part']}: row counts disagree" in p for p in validate(copy))
+
+
+PAGE_FAULTS = """
+import resource, sys
+import numpy as np
+from pipeline.predict import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+faults = []
+for _ in range(4):  # what a CPU forward does batch after batch: a large activation written, then freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = np.ones(100 * 2**20 // 8)
+    del block
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_predict_processes_reuse_freed_large_blocks_instead_of_faulting_them_in_again():
+    def faults(mode):
+        proc = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True, check=True)
+        return json.loads(proc.stdout)
+
+    kept, default = faults("keep"), faults("default")
+    # glibc's default unmaps a freed 100 MiB block, so each new one faults in again (at least its 50 huge pages)
+    assert min(default) >= 40, default
+    # kept: the first block faults in once, later ones reuse its pages
+    assert kept[0] >= 40 and max(kept[1:]) < 10, kept
