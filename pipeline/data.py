@@ -260,6 +260,7 @@ class AtlasDataModule(L.LightningDataModule):
         return DataLoader(
             batches,
             batch_size=None,
+            collate_fn=_as_is,
             shuffle=False,
             num_workers=self.num_workers,
             persistent_workers=False,
@@ -267,6 +268,10 @@ class AtlasDataModule(L.LightningDataModule):
             prefetch_factor=4 if self.num_workers else None,
             worker_init_fn=_yield_to_forward if self.trainer.strategy.root_device.type == "cpu" else None,
         )
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
 
 
 def _yield_to_forward(worker_id: int) -> None:

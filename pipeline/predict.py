@@ -55,9 +55,10 @@ def keep_freed_memory() -> bool:
     activations batch after batch, so every batch faulted its pages in again:
     on the shipped 10,000-cell file that was a fifth of the forward's time,
     spent in the kernel. Keeping them costs no more than the peak (the memory
-    is reused, not grown). Called once per process, before DataLoader workers
-    are forked (they inherit it). Returns False where there is no glibc (macOS,
-    musl): nothing is changed there.
+    is reused, not grown). Set in the process that runs the forward, once its
+    kNN graphs are built: their temporaries, hundreds of MiB each, still go
+    back to the system. DataLoader workers keep glibc's defaults. Returns
+    False where there is no glibc (macOS, musl): nothing is changed there.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -102,6 +103,9 @@ class AtlasPredictor(L.LightningModule):
         super().__init__()
         self.model = build_model(name, checkpoint, seed)
         self.name, self.max_len = name, max_len
+
+    def on_predict_start(self) -> None:
+        keep_freed_memory()  # after the kNN graphs (setup), so their large temporaries still go back to the system
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict | None:
         if batch["error"] or len(batch["genes"]) == 0:
@@ -316,7 +320,6 @@ def run_predict(cfg: DictConfig) -> int:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     install_stop_handlers()
-    keep_freed_memory()
     predictor = AtlasPredictor(name=cfg.model.name, checkpoint=cfg.model.checkpoint,
                                max_len=int(cfg.model.max_len), seed=int(cfg.seed))  # fmt: skip
     model = predictor.model

@@ -28,6 +28,7 @@ EXTRA_DRAWS = 64  # random fill candidates beyond max_len, to absorb collisions
 ROW_BITS = 24  # rank keys: a batch has fewer than 2^24 cells
 COUNT_BITS = 20  # neighbour counts order genes up to 2^20 - 1
 COUNT_MAX = (1 << COUNT_BITS) - 1
+LOOKUP_TABLE_VALUES = 1 << 22  # dense table of one lookup chunk: 4M float32 values, 16 MiB
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -197,21 +198,33 @@ def _select_densely(counts: sp.csr_matrix, key: np.uint64, length: int, neighbor
 
 
 def lookup(matrix: sp.csr_matrix, rows: np.ndarray, genes: np.ndarray) -> np.ndarray:
-    """``matrix[rows[i], genes[i, j]]`` as a float32 [len(rows), n_tokens] array, without densifying.
+    """``matrix[rows[i], genes[i, j]]`` as a float32 [len(rows), n_tokens] array, without densifying the matrix.
 
-    Every stored entry gets the key ``row * n_columns + column`` (sorted, as the
-    CSR is), and each query is a binary search for its key.
+    The genes asked for are numbered 0..n_asked-1; the entries of the rows asked
+    for at those genes are scattered into a dense [rows, n_asked] table, which
+    is then read at the queries: two passes over memory and no search. Rows go
+    in chunks that keep the table under :data:`LOOKUP_TABLE_VALUES` values.
     """
     matrix = matrix.tocsr()
-    matrix.sort_indices()
-    n_columns = matrix.shape[1]
-    entry_rows = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
-    entry_keys = entry_rows * n_columns + matrix.indices
-    query = (np.asarray(rows, dtype=np.int64)[:, None] * n_columns + genes).ravel()
-    at = np.minimum(np.searchsorted(entry_keys, query), max(len(entry_keys) - 1, 0))
-    found = entry_keys[at] == query if len(entry_keys) else np.zeros(len(query), dtype=bool)
-    values = np.where(found, matrix.data[at] if len(entry_keys) else 0, 0)
-    return values.reshape(genes.shape).astype(np.float32)
+    rows, genes = np.asarray(rows, dtype=np.int64), np.asarray(genes, dtype=np.int64)
+    out = np.zeros(genes.shape, dtype=np.float32)
+    if genes.size == 0:
+        return out
+    asked = np.zeros(matrix.shape[1], dtype=bool)
+    asked[genes.ravel()] = True
+    column = np.full(matrix.shape[1], -1, dtype=np.int64)  # vocabulary gene -> table column
+    n_asked = int(asked.sum())
+    column[asked] = np.arange(n_asked)
+    chunk = max(1, LOOKUP_TABLE_VALUES // n_asked)
+    for start in range(0, len(rows), chunk):
+        part = matrix[rows[start : start + chunk]]
+        entry_rows = np.repeat(np.arange(part.shape[0]), np.diff(part.indptr))
+        entry_columns = column[part.indices]
+        wanted = entry_columns >= 0
+        table = np.zeros((part.shape[0], n_asked), dtype=np.float32)
+        table[entry_rows[wanted], entry_columns[wanted]] = part.data[wanted]
+        out[start : start + chunk] = table[np.arange(part.shape[0])[:, None], column[genes[start : start + chunk]]]
+    return out
 
 
 def qc_reasons(

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from pipeline import bench
 
 
@@ -31,4 +33,6 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
     assert e2e["exit_code"] == 0 and e2e["cells_embedded"] == 9_909  # 91 cells fail QC (min_genes 10)
     assert 0 < e2e["predict_loop_cells_per_s"] and 0 < e2e["forward_same_batches_cells_per_s"]
     assert e2e["overall_cells_per_s"] < e2e["predict_loop_cells_per_s"]
+    before, after = e2e["forward_before_after_cells_per_s"]
+    assert np.isclose(e2e["forward_same_batches_cells_per_s"], 2 / (1 / before + 1 / after), rtol=1e-3)
     assert "end-to-end predict" in printed and "figures written to" in printed

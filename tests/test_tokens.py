@@ -7,6 +7,7 @@ import scipy.sparse as sp
 import torch
 from conftest import DATA
 
+from pipeline import tokens
 from pipeline.tokens import cell_keys, lookup, select_genes
 
 PBMC = DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"
@@ -72,6 +73,20 @@ def test_a_cells_genes_depend_only_on_its_key():
     assert (other_seed != together).any(axis=1).mean() > 0.9
     values = lookup(counts, np.arange(counts.shape[0]), together)
     np.testing.assert_array_equal(values, np.take_along_axis(counts.toarray(), together, axis=1))
+
+
+@pytest.mark.parametrize("table_values", [1 << 22, 5000])  # one chunk; many chunks of a few rows
+def test_lookup_reads_repeated_and_shuffled_rows_like_a_dense_matrix(monkeypatch, table_values):
+    """As the neighbour lookup asks: each row several times, in any order, at genes some rows do not express."""
+    monkeypatch.setattr(tokens, "LOOKUP_TABLE_VALUES", table_values)
+    counts = pbmc_counts()
+    rows = np.random.default_rng(0).permutation(np.repeat(np.arange(counts.shape[0]), 3))
+    genes = np.sort(np.random.default_rng(1).choice(counts.shape[1], size=(len(rows), 500)), axis=1)
+    values = lookup(counts, rows, genes)
+    dense = counts.toarray()
+    assert values.dtype == np.float32 and (values > 0).mean() > 0.05  # the test reads real expressed entries
+    np.testing.assert_array_equal(values, dense[rows[:, None], genes])
+    assert lookup(counts, rows[:0], genes[:0]).shape == (0, 500)
 
 
 def test_vocabulary_barely_larger_than_max_len():
