@@ -220,10 +220,11 @@ class CellsPerSecondBar(TQDMProgressBar):
         self._t0, self._cells = time.time(), 0
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         self._cells += 0 if batch["error"] else len(batch["cells"]["row"])
         elapsed = max(time.time() - self._t0, 1e-6)
-        self.predict_progress_bar.set_postfix({"cells": self._cells, "cells/s": f"{self._cells / elapsed:.0f}"})
+        postfix = {"cells": self._cells, "cells/s": f"{self._cells / elapsed:.0f}"}
+        self.predict_progress_bar.set_postfix(postfix, refresh=False)  # drawn once, by the update below
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
 
 # ----------------------------------------------------------------------------- run
