@@ -102,18 +102,41 @@ def tile_dataset(n_cells: int, path: Path) -> Path:
     return path
 
 
-def streaming_peak_rss(path: Path, model_name: str, max_len: int, batch_size: int, work_dir: Path) -> dict:
-    """Run :func:`data_path` on ``path`` in a fresh process and report its peak resident memory."""
-    code = (
-        "import json, resource, sys, warnings; warnings.simplefilter('ignore');"
-        "from pathlib import Path; from models import build_model; from pipeline.bench import data_path;"
-        f"r = data_path(Path({str(path)!r}), build_model({model_name!r}), {max_len}, {batch_size}, Path({str(work_dir)!r}));"
-        "r['peak_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print(json.dumps(r))"
-    )
+def in_fresh_process(call: str) -> dict:
+    """Evaluate ``call``, an expression giving a dict (``bench`` and ``Path`` are imported), in a new Python process.
+
+    Like a user's own run, it starts with none of this process's memory,
+    threads or allocator state. The dict comes back with the process's peak
+    resident memory added (``peak_rss_mib``).
+    """
+    code = ("import json, warnings; warnings.simplefilter('ignore'); from pathlib import Path; "
+            f"from pipeline import bench; r = {call}; r['peak_rss_mib'] = bench.peak_rss_mib(); print(json.dumps(r))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"streaming {path} failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"{call} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB.
+
+    On Linux this is ``VmHWM``: ``ru_maxrss`` of a process started from a large
+    one begins at its parent's size (the forked copy counts until ``exec``).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB elsewhere
+
+
+def streaming_peak_rss(path: Path, model_name: str, max_len: int, batch_size: int, work_dir: Path) -> dict:
+    """Run :func:`data_path` on ``path`` in a fresh process and report its peak resident memory."""
+    return in_fresh_process(f"bench.data_path(Path({str(path)!r}), bench.build_model({model_name!r}), {max_len}, "
+                            f"{batch_size}, Path({str(work_dir)!r}))")
 
 
 # ----------------------------------------------------------------------------- forward
@@ -185,9 +208,11 @@ def forward_rate(model, max_len: int, batch_size: int, precision: str, device: t
 # ----------------------------------------------------------------------------- end to end
 
 
-def end_to_end(path: Path, model, model_name: str, max_len: int, batch_size: int, workers: int, precision: str,
-               device: torch.device, work_dir: Path) -> dict:  # fmt: skip
-    """``scatlas predict`` in this process, between two timings of ``model``'s forward alone on the same batches.
+def end_to_end(path: Path, model_name: str, checkpoint: str | None, max_len: int, batch_size: int, workers: int,
+               precision: str, work_dir: Path) -> dict:  # fmt: skip
+    """``scatlas predict`` in this process, between two timings of the model's forward alone on the same batches.
+
+    ``scatlas bench`` runs it in a fresh process (:func:`in_fresh_process`), as a user runs predict.
 
     Returns the predict loop's rate (embedded cells over the parts' seconds,
     reading, tokenizing and writing included), the overall rate (start-up and
@@ -202,11 +227,16 @@ def end_to_end(path: Path, model, model_name: str, max_len: int, batch_size: int
     from pipeline.cli import CONFIG_DIR
     from pipeline.predict import run_predict
 
+    keep_freed_memory()  # for the forward alone too, as predict's forward runs
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(model_name, checkpoint)
     out = work_dir / f"e2e_{model_name}_{max_len}"
     trainer = "gpu" if device.type == "cuda" else "cpu"
     overrides = [f"input={path}", f"out_dir={out}", f"model={model_name}", f"model.max_len={max_len}",
                  f"data.batch_size={batch_size}", f"data.num_workers={workers}", f"trainer={trainer}"]  # fmt: skip
     overrides.append(f"trainer.precision={TRAINER_PRECISION[precision]}")  # as the forward timed below
+    if checkpoint:
+        overrides.append(f"model.checkpoint={checkpoint}")
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="predict", overrides=overrides)
 
@@ -313,8 +343,10 @@ def main(argv: list[str]) -> int:
     print("[4/4] end-to-end predict")
     # the 10,000-cell file of a checkout, else the bundled demo (600 cells: start-up weighs more)
     e2e_input = next(p for p in (REPO_DATA / TILE_SOURCE, PACKAGE_DATA / TILE_SOURCE, PACKAGE_DATA / DEMO) if p.is_file())
-    report["end_to_end"] = end_to_end(e2e_input, model, args.model, max_len, args.batch_size, args.workers, precision,
-                                      device, work_dir)  # fmt: skip
+    report["end_to_end"] = in_fresh_process(
+        f"bench.end_to_end(Path({str(e2e_input)!r}), {args.model!r}, {args.checkpoint!r}, {max_len}, "
+        f"{args.batch_size}, {args.workers}, {precision!r}, Path({str(work_dir)!r}))"
+    )
     if args.compare_upstream:
         from pipeline.bench_upstream import compare_upstream
 
@@ -377,7 +409,8 @@ def print_report(report: dict) -> None:
                   f"the same batches, {e2e['forward_same_batches_cells_per_s']:,.0f} cells/s: the mean of "
                   f"{e2e['forward_before_after_cells_per_s'][0]:,.0f} before and "
                   f"{e2e['forward_before_after_cells_per_s'][1]:,.0f} after the run); overall "
-                  f"{e2e['overall_cells_per_s']:,.0f} cells/s incl. start-up and the kNN graph")  # fmt: skip
+                  f"{e2e['overall_cells_per_s']:,.0f} cells/s incl. start-up and the kNN graph; peak RSS of that "
+                  f"process {e2e['peak_rss_mib']:,.0f} MiB")  # fmt: skip
     if "upstream" in report:
         up = report["upstream"]
         shape = up["shape"]
@@ -397,4 +430,4 @@ def print_report(report: dict) -> None:
                       f"{up['cells_per_s_upstream_shipped']:.2f}", f"{up['ratio_shipped']:.2f}x")  # fmt: skip
         console.print(table)
         console.print(f"load average before / after the comparison: {up['load_average']}")
-    console.print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+    console.print(f"peak RSS of this process: {peak_rss_mib():,.0f} MiB")

@@ -1,8 +1,10 @@
 """``scatlas bench`` end to end, at small sizes: every section is measured and written."""
 
 import json
+import sys
 
 import numpy as np
+import pytest
 
 from pipeline import bench
 
@@ -33,6 +35,17 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
     assert e2e["exit_code"] == 0 and e2e["cells_embedded"] == 9_909  # 91 cells fail QC (min_genes 10)
     assert 0 < e2e["predict_loop_cells_per_s"] and 0 < e2e["forward_same_batches_cells_per_s"]
     assert e2e["overall_cells_per_s"] < e2e["predict_loop_cells_per_s"]
+    assert 100 < e2e["peak_rss_mib"] < 4096  # measured in the fresh process that ran it
     before, after = e2e["forward_before_after_cells_per_s"]
     assert np.isclose(e2e["forward_same_batches_cells_per_s"], 2 / (1 / before + 1 / after), rtol=1e-3)
     assert "end-to-end predict" in printed and "figures written to" in printed
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and ru_maxrss inheritance are Linux's")
+def test_peak_memory_of_a_fresh_process_does_not_count_its_large_parent():
+    """ru_maxrss of a process started from a large one begins at the parent's size; the bench must not report that."""
+    parent = np.ones(1500 * 2**20 // 8)  # 1.5 GiB, written, in this process
+    child = bench.in_fresh_process('{"ru_maxrss_mib": __import__("resource").getrusage(0).ru_maxrss / 1024}')
+    assert child["ru_maxrss_mib"] > 1500  # what the old figure would have been
+    assert child["peak_rss_mib"] < 1000  # python, torch and lightning imported: about 500 MiB
+    del parent
