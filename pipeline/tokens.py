@@ -28,7 +28,8 @@ EXTRA_DRAWS = 64  # random fill candidates beyond max_len, to absorb collisions
 ROW_BITS = 24  # rank keys: a batch has fewer than 2^24 cells
 COUNT_BITS = 20  # neighbour counts order genes up to 2^20 - 1
 COUNT_MAX = (1 << COUNT_BITS) - 1
-LOOKUP_TABLE_VALUES = 1 << 22  # dense table of one lookup chunk: 4M float32 values, 16 MiB
+LOOKUP_TABLE_VALUES = 1 << 23  # lookup's dense table: at most 8M float32 values, 32 MiB
+LOOKUP_TABLE_RATIO = 16  # lookup's table when entries + table are at most this many times the queries
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -200,31 +201,52 @@ def _select_densely(counts: sp.csr_matrix, key: np.uint64, length: int, neighbor
 def lookup(matrix: sp.csr_matrix, rows: np.ndarray, genes: np.ndarray) -> np.ndarray:
     """``matrix[rows[i], genes[i, j]]`` as a float32 [len(rows), n_tokens] array, without densifying the matrix.
 
-    The genes asked for are numbered 0..n_asked-1; the entries of the rows asked
-    for at those genes are scattered into a dense [rows, n_asked] table, which
-    is then read at the queries: two passes over memory and no search. Rows go
-    in chunks that keep the table under :data:`LOOKUP_TABLE_VALUES` values.
+    Two ways, whichever is cheaper for the batch:
+
+    - a dense table: the genes that are both asked for and stored in
+      ``matrix`` are numbered, the matrix's entries at those genes are
+      scattered into a [matrix rows, genes] table, and the table is read at the
+      queries (genes stored nowhere read 0). No search. Used when the stored
+      entries plus the table are at most :data:`LOOKUP_TABLE_RATIO` times the
+      queries and the table holds at most :data:`LOOKUP_TABLE_VALUES` values:
+      narrow panels, or long ``max_len``;
+    - else a binary search: every stored entry gets the key
+      ``row * n_columns + column`` (sorted, as the CSR is), and each query
+      looks its key up (many expressed genes, few of them asked for).
     """
     matrix = matrix.tocsr()
     rows, genes = np.asarray(rows, dtype=np.int64), np.asarray(genes, dtype=np.int64)
-    out = np.zeros(genes.shape, dtype=np.float32)
-    if genes.size == 0:
-        return out
-    asked = np.zeros(matrix.shape[1], dtype=bool)
-    asked[genes.ravel()] = True
-    column = np.full(matrix.shape[1], -1, dtype=np.int64)  # vocabulary gene -> table column
-    n_asked = int(asked.sum())
-    column[asked] = np.arange(n_asked)
-    chunk = max(1, LOOKUP_TABLE_VALUES // n_asked)
-    for start in range(0, len(rows), chunk):
-        part = matrix[rows[start : start + chunk]]
-        entry_rows = np.repeat(np.arange(part.shape[0]), np.diff(part.indptr))
-        entry_columns = column[part.indices]
-        wanted = entry_columns >= 0
-        table = np.zeros((part.shape[0], n_asked), dtype=np.float32)
-        table[entry_rows[wanted], entry_columns[wanted]] = part.data[wanted]
-        out[start : start + chunk] = table[np.arange(part.shape[0])[:, None], column[genes[start : start + chunk]]]
-    return out
+    if genes.size == 0 or matrix.nnz == 0:
+        return np.zeros(genes.shape, dtype=np.float32)
+    useful = np.zeros(matrix.shape[1], dtype=bool)
+    useful[genes.ravel()] = True
+    stored = np.zeros(matrix.shape[1], dtype=bool)
+    stored[matrix.indices] = True
+    useful &= stored
+    n_useful = int(useful.sum())
+    table_size = matrix.shape[0] * (n_useful + 1)
+    if table_size > LOOKUP_TABLE_VALUES or matrix.nnz + table_size > LOOKUP_TABLE_RATIO * genes.size:
+        return _lookup_by_search(matrix, rows, genes)
+    column = np.full(matrix.shape[1], n_useful, dtype=np.int64)  # gene -> table column; the last one stays 0
+    column[useful] = np.arange(n_useful)
+    table = np.zeros((matrix.shape[0], n_useful + 1), dtype=np.float32)
+    entry_rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    table[entry_rows, column[matrix.indices]] = matrix.data  # entries at genes nobody asked for land in the last
+    table[:, n_useful] = 0
+    return table[rows[:, None], column[genes]]
+
+
+def _lookup_by_search(matrix: sp.csr_matrix, rows: np.ndarray, genes: np.ndarray) -> np.ndarray:
+    matrix.sort_indices()
+    n_columns = matrix.shape[1]
+    entry_keys = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr)) * n_columns
+    entry_keys += matrix.indices
+    query = (rows[:, None] * n_columns + genes).ravel()
+    if len(entry_keys) == 0:
+        return np.zeros(genes.shape, dtype=np.float32)
+    at = np.minimum(np.searchsorted(entry_keys, query), len(entry_keys) - 1)
+    values = np.where(entry_keys[at] == query, matrix.data[at], 0)
+    return values.reshape(genes.shape).astype(np.float32)
 
 
 def qc_reasons(

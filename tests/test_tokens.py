@@ -75,10 +75,17 @@ def test_a_cells_genes_depend_only_on_its_key():
     np.testing.assert_array_equal(values, np.take_along_axis(counts.toarray(), together, axis=1))
 
 
-@pytest.mark.parametrize("table_values", [1 << 22, 5000])  # one chunk; many chunks of a few rows
-def test_lookup_reads_repeated_and_shuffled_rows_like_a_dense_matrix(monkeypatch, table_values):
-    """As the neighbour lookup asks: each row several times, in any order, at genes some rows do not express."""
+@pytest.mark.parametrize(("table_values", "table_ratio", "searched"),
+                         [(1 << 30, 1e9, False), (1 << 30, 0, True), (1000, 1e9, True)])  # fmt: skip
+def test_lookup_reads_repeated_and_shuffled_rows_like_a_dense_matrix(monkeypatch, table_values, table_ratio, searched):
+    """As the neighbour lookup asks: each row several times, in any order, at genes some rows do not express.
+
+    By the dense table, and by binary search (chosen by cost, or because the table would be too large)."""
     monkeypatch.setattr(tokens, "LOOKUP_TABLE_VALUES", table_values)
+    monkeypatch.setattr(tokens, "LOOKUP_TABLE_RATIO", table_ratio)
+    searches = []
+    search = tokens._lookup_by_search
+    monkeypatch.setattr(tokens, "_lookup_by_search", lambda *args: searches.append(1) or search(*args))
     counts = pbmc_counts()
     rows = np.random.default_rng(0).permutation(np.repeat(np.arange(counts.shape[0]), 3))
     genes = np.sort(np.random.default_rng(1).choice(counts.shape[1], size=(len(rows), 500)), axis=1)
@@ -86,6 +93,7 @@ def test_lookup_reads_repeated_and_shuffled_rows_like_a_dense_matrix(monkeypatch
     dense = counts.toarray()
     assert values.dtype == np.float32 and (values > 0).mean() > 0.05  # the test reads real expressed entries
     np.testing.assert_array_equal(values, dense[rows[:, None], genes])
+    assert bool(searches) == searched
     assert lookup(counts, rows[:0], genes[:0]).shape == (0, 500)
 
 
