@@ -27,7 +27,8 @@ from models.presets import demo_vocabulary
 from pipeline.data import UnitBatches, neighbors_path
 from pipeline.neighbors import neighbor_chunks, save_neighbors
 from pipeline.plan import Unit, plan_dataset
-from pipeline.predict import keep_freed_memory
+from pipeline.predict import fast_fp32_matmul, keep_freed_memory
+from pipeline.upstream_forward import SMALL_SHAPE
 
 REPO = Path(__file__).resolve().parent.parent
 UPSTREAM_VENV = REPO / ".cache" / "upstream-venv"
@@ -175,10 +176,13 @@ def compare_upstream(
     - ``cells_per_s_upstream`` (attention dropout 0: equal outputs) and
       ``cells_per_s_upstream_shipped`` (its shipped attention dropout, applied in
       eval: stochastic outputs, ``upstream_shipped_max_abs_diff`` away);
-    - ``cells_per_s_upstream_kept_memory``: upstream (dropout 0) again, with the glibc malloc settings
-      ours runs with (:func:`pipeline.predict.keep_freed_memory`; None without glibc);
+    - ``fp32_matmul``: the fp32 matmul precision ours ran with (``bf16`` where
+      :func:`pipeline.predict.fast_fp32_matmul` found bf16 units as exact and faster, else ``ieee``);
+    - ``cells_per_s_upstream_our_settings``: upstream (dropout 0) again, with the process settings ours
+      runs with (:func:`pipeline.predict.keep_freed_memory` and that fp32 matmul precision), and
+      ``upstream_our_settings_max_abs_diff``, how far that moved upstream's outputs;
     - ``ratio`` = ours / upstream, ``ratio_one_forward``, ``ratio_shipped`` (ours / upstream as shipped),
-      ``ratio_kept_memory`` (ours / upstream with the same malloc settings);
+      ``ratio_our_settings`` (ours / upstream with the same process settings);
     - ``max_abs_diff`` (embeddings and logits, both ways of running ours), ``flops_per_cell``;
     - the seconds of every timed batch, and the 1-minute load average before the run and at its end
       (which counts this run itself): other processes on the CPU skew every figure.
@@ -190,6 +194,8 @@ def compare_upstream(
     """
     python = find_upstream_python(upstream_python)
     keep_freed_memory()  # as scatlas predict runs
+    dims = {**SMALL_SHAPE, **(shape or {})}
+    fp32_matmul = "bf16" if fast_fp32_matmul(dims["d_model"], dims["nhead"], max_len) else "ieee"
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir) if work_dir is not None else Path(tmp)
@@ -200,7 +206,7 @@ def compare_upstream(
         command = [
             str(python), str(UPSTREAM_SCRIPT), str(work), "--genes", str(GENES_TABLE), "--organism", HUMAN,
             "--inputs", str(work / "inputs.npz"), "--shape", json.dumps(shape or {}), "--threads", str(threads),
-            "--warmup", "1", "--repeats", str(repeats),
+            "--warmup", "1", "--repeats", str(repeats), "--fp32-matmul", fp32_matmul,
         ]  # fmt: skip
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
@@ -226,7 +232,7 @@ def compare_upstream(
     shape = {**upstream["shape"], "max_len": max_len, "batch_size": batch_size}
     shape.update(neighbors=upstream["neighbors"], n_genes=upstream["n_genes"])
     ours, theirs, shipped = rate(side_by_side), rate(upstream["seconds_dropout0"]), rate(upstream["seconds_shipped"])
-    kept = rate(upstream["seconds_dropout0_kept_memory"]) if upstream["seconds_dropout0_kept_memory"] else None
+    same_settings = rate(upstream["seconds_dropout0_our_settings"])
     return {
         "shape": shape,
         "threads": threads,
@@ -238,9 +244,11 @@ def compare_upstream(
         "cells_per_s_upstream_shipped": shipped,
         "upstream_shipped_dropout": upstream["shipped_dropout"],
         "upstream_shipped_max_abs_diff": upstream["shipped_vs_dropout0_max_abs_diff"],
-        "cells_per_s_upstream_kept_memory": kept,
+        "fp32_matmul": fp32_matmul,
+        "cells_per_s_upstream_our_settings": same_settings,
+        "upstream_our_settings_max_abs_diff": upstream["our_settings_vs_dropout0_max_abs_diff"],
         "ratio": ours / theirs,
-        "ratio_kept_memory": ours / kept if kept else None,
+        "ratio_our_settings": ours / same_settings,
         "ratio_one_forward": rate(one_forward) / theirs,
         "ratio_shipped": ours / shipped,
         "max_abs_diff": diff,
@@ -249,6 +257,6 @@ def compare_upstream(
         "seconds_ours_one_forward": one_forward,
         "seconds_upstream": upstream["seconds_dropout0"],
         "seconds_upstream_shipped": upstream["seconds_shipped"],
-        "seconds_upstream_kept_memory": upstream["seconds_dropout0_kept_memory"],
+        "seconds_upstream_our_settings": upstream["seconds_dropout0_our_settings"],
         "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     }

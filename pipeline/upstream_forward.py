@@ -14,7 +14,8 @@ encoder, the nine base_v3 classes and compressors) with seeded, well-spread weig
 - ``OUT_DIR/upstream_outputs.npz``: the inputs it ran on and its fp32 eval outputs with attention
   dropout 0 (``embs``, ``logits_<class>``) and as shipped (``embs_shipped``);
 - ``OUT_DIR/upstream_timing.json``: seconds per forward, both ways, then with attention dropout 0
-  again under the glibc malloc settings scprint-atlas makes for itself, and the settings.
+  again under the settings scprint-atlas runs its own forward with (glibc malloc settings, and the
+  fp32 matmul precision given by ``--fp32-matmul``), and the settings.
 
 Upstream applies attention dropout even in ``eval()`` (the rate goes to
 ``scaled_dot_product_attention`` unconditionally, simpler_flash ``mha.py``): as shipped
@@ -326,6 +327,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fp32-matmul", choices=["ieee", "bf16"], default="ieee",
+                        help="torch.backends.mkldnn.matmul.fp32_precision for the run with scprint-atlas's settings")
     args = parser.parse_args(argv)
     unknown = set(args.shape) - set(SMALL_SHAPE)
     if unknown:
@@ -361,7 +364,8 @@ def main(argv=None) -> dict:
     if any(not np.array_equal(zero[k], again[k]) for k in zero):
         raise SystemExit("upstream is not deterministic with attention dropout 0")
     kept = keep_freed_memory()
-    kept_seconds = time_forward(model, inputs, args.warmup, args.repeats)[0] if kept else []
+    torch.backends.mkldnn.matmul.fp32_precision = args.fp32_matmul
+    ours_seconds, ours = time_forward(model, inputs, args.warmup, args.repeats)
 
     np.savez(args.out_dir / "upstream_outputs.npz", **inputs, **zero, embs_shipped=shipped["embs"])
     timing = {
@@ -376,7 +380,9 @@ def main(argv=None) -> dict:
         "warmup": args.warmup,
         "seconds_dropout0": zero_seconds,
         "seconds_shipped": shipped_seconds,
-        "seconds_dropout0_kept_memory": kept_seconds,
+        "seconds_dropout0_our_settings": ours_seconds,
+        "our_settings": {"malloc_keeps_freed_memory": kept, "fp32_matmul": args.fp32_matmul},
+        "our_settings_vs_dropout0_max_abs_diff": max(float(np.abs(ours[k] - zero[k]).max()) for k in zero),
         "shipped_dropout": float(model.hparams["dropout"]),
         "shipped_vs_dropout0_max_abs_diff": float(np.abs(shipped["embs"] - zero["embs"]).max()),
         "checkpoint": str(ckpt_path),

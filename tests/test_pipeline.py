@@ -11,12 +11,14 @@ import anndata
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from models import load_checkpoint
 from models.checkpoint import file_sha256
 from models.presets import DEMO_CHECKPOINT
 from pipeline import manifest
 from pipeline.atlas import load_state, read_part, validate
+from pipeline.predict import FP32_MATMUL_RTOL, AtlasPredictor, fp32_matmul_probe
 
 DATA = Path(__file__).parent / "data"
 DATASETS = sorted(DATA.glob("*.h5ad"))
@@ -232,3 +234,32 @@ def test_predict_processes_reuse_freed_large_blocks_instead_of_faulting_them_in_
     assert min(default) >= 40, default
     # kept: the first block faults in once, later ones reuse its pages
     assert kept[0] >= 40 and max(kept[1:]) < 10, kept
+
+
+def test_fp32_matmul_probe_tells_fp32_exact_products_from_one_bf16_pass():
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    try:
+        # fp32 instructions at the small model's shapes: about 1e-6 from float64, well inside the tolerance
+        error, seconds = fp32_matmul_probe(256, 4, 3200)
+        assert error < FP32_MATMUL_RTOL / 4 and seconds > 0
+        # the same probe with its inputs rounded once to bf16 (autocast), as kernels with one bf16 pass compute it
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded, _ = fp32_matmul_probe(256, 4, 3200)
+        assert rounded > 100 * FP32_MATMUL_RTOL
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = previous
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_predictor_uses_bf16_units_for_fp32_matmuls_only_as_measured_and_puts_the_setting_back(name):
+    predictor = AtlasPredictor(name, max_len=256)
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    predictor.on_predict_start()
+    chosen = torch.backends.mkldnn.matmul.fp32_precision
+    if chosen == "bf16":  # kept only where it is as exact as fp32: measured again under the setting
+        assert fp32_matmul_probe(predictor.model.config.d_model, predictor.model.config.nhead, 256)[0] <= FP32_MATMUL_RTOL
+    else:
+        assert chosen == previous
+    predictor.on_predict_end()
+    assert torch.backends.mkldnn.matmul.fp32_precision == previous
