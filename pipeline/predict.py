@@ -123,10 +123,11 @@ def fast_fp32_matmul(dim: int, n_heads: int, n_tokens: int) -> bool:
     bf16 term would be ~4e-3 off. So the setting is kept only if, at the
     model's shapes (:func:`fp32_matmul_probe`), it is within 1e-5 of float64
     and at least 10% faster than fp32 instructions; otherwise it is put back.
-    Returns whether it is on.
+    Returns whether it is on; always False with a torch that lacks the
+    setting or oneDNN.
     """
-    matmul = torch.backends.mkldnn.matmul
-    if not torch.backends.mkldnn.is_available():
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if not torch.backends.mkldnn.is_available() or not hasattr(matmul, "fp32_precision"):
         return False
     previous = matmul.fp32_precision
     matmul.fp32_precision = "ieee"
@@ -179,12 +180,14 @@ class AtlasPredictor(L.LightningModule):
 
     def on_predict_start(self) -> None:
         keep_freed_memory()  # after the kNN graphs (setup), so their large temporaries still go back to the system
-        self._fp32_precision = torch.backends.mkldnn.matmul.fp32_precision  # put back at the end of the run
+        matmul = getattr(torch.backends.mkldnn, "matmul", None)
+        self._fp32_precision = getattr(matmul, "fp32_precision", None)  # put back at the end of the run
         if self.device.type == "cpu":
             fast_fp32_matmul(self.model.config.d_model, self.model.config.nhead, self.max_len)
 
     def on_predict_end(self) -> None:
-        torch.backends.mkldnn.matmul.fp32_precision = self._fp32_precision
+        if self._fp32_precision is not None:
+            torch.backends.mkldnn.matmul.fp32_precision = self._fp32_precision
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict | None:
         if batch["error"] or len(batch["genes"]) == 0:
