@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from models import build_model
-from pipeline.data import UnitBatches, neighbors_path
+from pipeline.data import UnitBatches, neighbors_path, resolve_num_workers
 from pipeline.neighbors import neighbor_chunks, save_neighbors
 from pipeline.plan import Unit, plan_dataset
 from pipeline.predict import fast_fp32_matmul, keep_freed_memory
@@ -213,7 +213,7 @@ def forward_rate(model, max_len: int, batch_size: int, precision: str, device: t
 # ----------------------------------------------------------------------------- end to end
 
 
-def end_to_end(path: Path, model_name: str, checkpoint: str | None, max_len: int, batch_size: int, workers: int,
+def end_to_end(path: Path, model_name: str, checkpoint: str | None, max_len: int, batch_size: int, workers: int | str,
                precision: str, work_dir: Path) -> dict:  # fmt: skip
     """``scatlas predict`` in this process, between two timings of the model's forward alone on the same batches.
 
@@ -288,6 +288,7 @@ def end_to_end(path: Path, model_name: str, checkpoint: str | None, max_len: int
     embedded = sum(r["n_cells"] for r in state.done.values())
     loop = sum(r["seconds"] for r in state.done.values())
     return {"dataset": path.name, "exit_code": code, "cells_embedded": embedded,
+            "workers": resolve_num_workers(workers, device.type),
             "predict_loop_cells_per_s": round(embedded / loop, 1), "overall_cells_per_s": round(embedded / total, 1),
             "forward_same_batches_cells_per_s": round(2 * n_forward / (before + after), 1),
             "forward_before_after_cells_per_s": [round(n_forward / before, 1), round(n_forward / after, 1)]}  # fmt: skip
@@ -310,7 +311,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--precision", choices=["32", "bf16", "16"], default=None,
                         help="forward precision (default 32 on CPU, bf16 on GPU)")  # fmt: skip
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for end-to-end")
+    parser.add_argument("--workers", type=lambda v: v if v == "auto" else int(v), default="auto",
+                        help="DataLoader workers for end-to-end (default auto: 0 on CPU, 2 with a GPU)")  # fmt: skip
     parser.add_argument("--large-cells", default="100000,1000000",
                         help="sizes of the tiled mouse-brain files streamed for peak memory ('' to skip)")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=10.0, help="time spent per forward measurement")
@@ -352,7 +354,7 @@ def main(argv: list[str]) -> int:
     e2e_input = next(p for p in (REPO_DATA / TILE_SOURCE, PACKAGE_DATA / TILE_SOURCE, PACKAGE_DATA / DEMO) if p.is_file())
     report["end_to_end"] = in_fresh_process(
         f"bench.end_to_end(Path({str(e2e_input)!r}), {args.model!r}, {args.checkpoint!r}, {max_len}, "
-        f"{args.batch_size}, {args.workers}, {precision!r}, Path({str(work_dir)!r}))"
+        f"{args.batch_size}, {args.workers!r}, {precision!r}, Path({str(work_dir)!r}))"
     )
     if args.compare_upstream:
         from pipeline.bench_upstream import compare_upstream
@@ -410,7 +412,8 @@ def print_report(report: dict) -> None:
                       r["peak_source"])  # fmt: skip
     console.print(table)
     e2e = report["end_to_end"]
-    console.print(f"end-to-end predict ({e2e['dataset']}, {e2e['cells_embedded']:,} cells embedded): predict loop "
+    console.print(f"end-to-end predict ({e2e['dataset']}, {e2e['cells_embedded']:,} cells embedded, "
+                  f"{e2e['workers']} DataLoader workers): predict loop "
                   f"{e2e['predict_loop_cells_per_s']:,.0f} cells/s incl. reading, tokenizing and writing "
                   f"({e2e['predict_loop_cells_per_s'] / e2e['forward_same_batches_cells_per_s']:.0%} of the forward alone on "
                   f"the same batches, {e2e['forward_same_batches_cells_per_s']:,.0f} cells/s: the mean of "

@@ -193,7 +193,7 @@ class AtlasDataModule(L.LightningDataModule):
     def __init__(
         self,
         batch_size: int = 64,
-        num_workers: int = 2,
+        num_workers: int | str = "auto",
         min_counts: int = 1,
         min_genes: int = 10,
         n_neighbors: int = 6,
@@ -257,17 +257,36 @@ class AtlasDataModule(L.LightningDataModule):
             seed=self.seed,
             neighbors_dir=self.out_dir / "neighbors" if self.uses_neighbors else None,
         )
+        device_type = self.trainer.strategy.root_device.type
+        num_workers = resolve_num_workers(self.num_workers, device_type)
         return DataLoader(
             batches,
             batch_size=None,
             collate_fn=_as_is,
             shuffle=False,
-            num_workers=self.num_workers,
+            num_workers=num_workers,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
-            prefetch_factor=4 if self.num_workers else None,
-            worker_init_fn=_yield_to_forward if self.trainer.strategy.root_device.type == "cpu" else None,
+            prefetch_factor=4 if num_workers else None,
+            worker_init_fn=_yield_to_forward if device_type == "cpu" else None,
         )
+
+
+def resolve_num_workers(num_workers: int | str, device_type: str) -> int:
+    """DataLoader worker processes for ``data.num_workers`` (a count, or ``auto``) on this device type.
+
+    ``auto`` is 0 when the forward runs on the CPU: it uses every core, so a
+    worker's tokenizing is taken from the forward either way, and in the main
+    process, between forwards, it costs no inter-process traffic and never
+    stalls the forward's threads (on 2 cores, ``tiny`` at max_len 256: 92-95%
+    of the forward alone, against 73-88% with 2 workers). With a GPU, ``auto``
+    is 2: the CPU is free to tokenize while the GPU computes.
+    """
+    if num_workers == "auto":
+        return 0 if device_type == "cpu" else 2
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"data.num_workers must be auto or a number of processes >= 0, not {num_workers!r}")
+    return num_workers
 
 
 def _as_is(batch: dict) -> dict:

@@ -11,7 +11,7 @@ from pipeline import bench
 
 def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = bench.main(["--forward-models", "tiny", "--large-cells", "3000", "--seconds", "0.5", "--workers", "0",
+    code = bench.main(["--forward-models", "tiny", "--large-cells", "3000", "--seconds", "0.5",
                        "--work-dir", str(tmp_path / "work"), "--json", str(out)])  # fmt: skip
     assert code == 0
     report = json.loads(out.read_text())
@@ -33,6 +33,7 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
     # end to end: scatlas predict on the 10,000 mouse-brain cells, next to the forward alone on the same batches
     e2e = report["end_to_end"]
     assert e2e["exit_code"] == 0 and e2e["cells_embedded"] == 9_909  # 91 cells fail QC (min_genes 10)
+    assert e2e["workers"] == 0  # data.num_workers=auto on a CPU run: tokenized in the predict process
     assert 0 < e2e["predict_loop_cells_per_s"] and 0 < e2e["forward_same_batches_cells_per_s"]
     assert e2e["overall_cells_per_s"] < e2e["predict_loop_cells_per_s"]
     assert 100 < e2e["peak_rss_mib"] < 4096  # measured in the fresh process that ran it

@@ -18,6 +18,7 @@ from models.checkpoint import file_sha256
 from models.presets import DEMO_CHECKPOINT
 from pipeline import manifest
 from pipeline.atlas import load_state, read_part, validate
+from pipeline.data import resolve_num_workers
 from pipeline.predict import FP32_MATMUL_RTOL, AtlasPredictor, fp32_matmul_probe
 
 DATA = Path(__file__).parent / "data"
@@ -263,3 +264,12 @@ def test_predictor_uses_bf16_units_for_fp32_matmuls_only_as_measured_and_puts_th
         assert chosen == previous
     predictor.on_predict_end()
     assert torch.backends.mkldnn.matmul.fp32_precision == previous
+
+
+def test_num_workers_auto_tokenizes_in_the_predict_process_on_cpu_and_in_two_workers_with_a_gpu():
+    assert resolve_num_workers("auto", "cpu") == 0
+    assert resolve_num_workers("auto", "cuda") == 2
+    assert resolve_num_workers(3, "cpu") == 3 and resolve_num_workers(0, "cuda") == 0
+    for bad in (-1, "two", 1.5, True):
+        with pytest.raises(ValueError, match="data.num_workers must be auto or a number of processes >= 0"):
+            resolve_num_workers(bad, "cpu")
