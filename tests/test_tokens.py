@@ -138,3 +138,25 @@ def test_held_dataset_gives_the_tokens_of_reads_from_the_file(tmp_path, monkeypa
     n_cells = sum(len(item["genes"]) for item in held_items)
     assert n_cells + sum(len(item["dropped"]["row"]) for item in held_items) == unit.stop
     assert (torch.cat([item["knn_counts"] for item in held_items]).sum((1, 2)) > 0).float().mean() > 0.9
+
+
+def test_a_dense_dataset_is_held_when_its_non_zero_counts_fit(monkeypatch):
+    """A dense file stores every zero; holding it is judged by the non-zeros of its first block of rows."""
+    from models import build_model
+    from pipeline import data
+    from pipeline.plan import plan_dataset
+
+    config = build_model("tiny").config
+    path = DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"  # dense X, 200 x 16,727
+    plan = plan_dataset(0, str(path), config.genes, {"counts": "auto", "organism": None, "min_gene_coverage": 0})
+    assert plan.matrix.n_stored == 200 * 16_727
+    monkeypatch.setattr(data, "HELD_BLOCK_ROWS", 50)
+    monkeypatch.setattr(data, "HELD_VALUES", 1_000_000)  # below the stored 3.3M, above the non-zeros
+    held = data._read_if_small(plan)
+    assert held is not None
+    vocab, totals = held
+    raw = plan.matrix.read_rows(0, 200)
+    assert 100_000 < vocab.nnz < 1_000_000 and vocab.shape == (200, plan.n_vocab)
+    np.testing.assert_array_equal(totals, np.asarray(raw.sum(1)).ravel())
+    monkeypatch.setattr(data, "HELD_VALUES", vocab.nnz // 2)  # the first block's non-zeros, scaled, are too many
+    assert data._read_if_small(plan) is None
