@@ -197,6 +197,9 @@ def _read_if_small(ds: DatasetPlan) -> tuple[sp.csr_matrix, np.ndarray] | None:
         stop = min(start + HELD_BLOCK_ROWS, ds.n_cells)
         blocks.append(_read_vocabulary_counts(ds, start, stop))
         if estimate and start == 0 and blocks[0][0].nnz * ds.n_cells > HELD_VALUES * stop:
+            log.warning("%s: a dense matrix of about %.3g non-zero counts, too many to hold: neighbour rows are read "
+                        "from the file, which is slow for a dense one; a sparse (CSR) copy of the file runs faster",
+                        ds.path, blocks[0][0].nnz * ds.n_cells / stop)  # fmt: skip
             return None
     vocab, totals = zip(*blocks)
     return sp.vstack(vocab, format="csr"), np.concatenate(totals)

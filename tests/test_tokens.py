@@ -140,7 +140,7 @@ def test_held_dataset_gives_the_tokens_of_reads_from_the_file(tmp_path, monkeypa
     assert (torch.cat([item["knn_counts"] for item in held_items]).sum((1, 2)) > 0).float().mean() > 0.9
 
 
-def test_a_dense_dataset_is_held_when_its_non_zero_counts_fit(monkeypatch):
+def test_a_dense_dataset_is_held_when_its_non_zero_counts_fit(monkeypatch, caplog):
     """A dense file stores every zero; holding it is judged by the non-zeros of its first block of rows."""
     from models import build_model
     from pipeline import data
@@ -160,3 +160,4 @@ def test_a_dense_dataset_is_held_when_its_non_zero_counts_fit(monkeypatch):
     np.testing.assert_array_equal(totals, np.asarray(raw.sum(1)).ravel())
     monkeypatch.setattr(data, "HELD_VALUES", vocab.nnz // 2)  # the first block's non-zeros, scaled, are too many
     assert data._read_if_small(plan) is None
+    assert f"{path}: a dense matrix of about" in caplog.text and "sparse (CSR) copy" in caplog.text
