@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from models import build_model
-from pipeline.data import UnitBatches, neighbors_path, resolve_num_workers
+from pipeline.data import UnitBatches, ensure_sparse_copy, neighbors_path, resolve_num_workers
 from pipeline.neighbors import neighbor_chunks, save_neighbors
 from pipeline.plan import Unit, plan_dataset
 from pipeline.predict import fast_fp32_matmul, keep_freed_memory
@@ -55,7 +55,8 @@ def data_path(path: Path, model, max_len: int, batch_size: int, work_dir: Path, 
         return {"dataset": path.name, "error": plan.error}
     uses_neighbors = config.expr_emb_style == "metacell"
     t0 = time.perf_counter()
-    if uses_neighbors:
+    if uses_neighbors:  # as the data module's setup does, once per dataset
+        ensure_sparse_copy(plan, work_dir)
         save_neighbors(neighbors_path(work_dir, dataset), neighbor_chunks(plan.matrix))
     t1 = time.perf_counter()
     batches = UnitBatches(
@@ -389,7 +390,8 @@ def print_report(report: dict) -> None:
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes: whole names, no wrapping
-    table = Table(title="data path, one worker (kNN graph: once per dataset, before; data path: read + QC + genes + "
+    table = Table(title="data path, one worker (kNN graph, and a large dense file's sparse copy: once per dataset, "
+                        "before; data path: read + QC + genes + "
                         "neighbour counts + tokens, what each DataLoader worker does)")
     for col in ("dataset", "cells", "kNN graph s", "data path cells/s", "2nd pass cells/s", "incl. kNN graph cells/s"):
         table.add_column(col, justify="right")

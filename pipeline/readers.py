@@ -189,6 +189,21 @@ class CountMatrix:
             raise DatasetError(self.path, f"cannot read {what} of {self.counts_location}: {_short_reason(err)}") from err
         return sp.csr_matrix(block, dtype=np.float32)
 
+    def read_from_sparse_copy(self, path):
+        """Read the rows from ``path`` from now on: a CSR copy of this matrix (``pipeline.data.ensure_sparse_copy``).
+
+        The copy is an HDF5 file with ``data``, ``indices`` and ``indptr`` and a
+        ``shape`` attribute equal to this matrix's; the original file is closed.
+        """
+        copy = _open_hdf5(path)
+        shape = tuple(int(n) for n in copy.attrs.get("shape", ()))
+        if shape != (self.n_cells, self.n_genes):
+            copy.close()
+            raise DatasetError(path, f"is a copy of shape {shape}, not {(self.n_cells, self.n_genes)}")
+        self.close()
+        self._file = copy
+        self._rows_source = CSRRows(copy["data"], copy["indices"], copy["indptr"], self.n_genes)
+
     def close(self):
         """Close the file; the matrix cannot be read afterwards."""
         if self._file is not None:

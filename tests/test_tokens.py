@@ -140,24 +140,42 @@ def test_held_dataset_gives_the_tokens_of_reads_from_the_file(tmp_path, monkeypa
     assert (torch.cat([item["knn_counts"] for item in held_items]).sum((1, 2)) > 0).float().mean() > 0.9
 
 
-def test_a_dense_dataset_is_held_when_its_non_zero_counts_fit(monkeypatch, caplog):
-    """A dense file stores every zero; holding it is judged by the non-zeros of its first block of rows."""
+def test_a_large_dense_dataset_is_read_from_a_sparse_copy_with_the_same_tokens(tmp_path, monkeypatch):
+    """Neighbour rows from a dense file cost whole chunks each; a large one is copied once to CSR and read from it."""
     from models import build_model
     from pipeline import data
-    from pipeline.plan import plan_dataset
+    from pipeline.neighbors import neighbor_chunks, save_neighbors
+    from pipeline.plan import Unit, plan_dataset
 
     config = build_model("tiny").config
-    path = DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"  # dense X, 200 x 16,727
-    plan = plan_dataset(0, str(path), config.genes, {"counts": "auto", "organism": None, "min_gene_coverage": 0})
-    assert plan.matrix.n_stored == 200 * 16_727
-    monkeypatch.setattr(data, "HELD_BLOCK_ROWS", 50)
-    monkeypatch.setattr(data, "HELD_VALUES", 1_000_000)  # below the stored 3.3M, above the non-zeros
-    held = data._read_if_small(plan)
-    assert held is not None
-    vocab, totals = held
-    raw = plan.matrix.read_rows(0, 200)
-    assert 100_000 < vocab.nnz < 1_000_000 and vocab.shape == (200, plan.n_vocab)
-    np.testing.assert_array_equal(totals, np.asarray(raw.sum(1)).ravel())
-    monkeypatch.setattr(data, "HELD_VALUES", vocab.nnz // 2)  # the first block's non-zeros, scaled, are too many
-    assert data._read_if_small(plan) is None
-    assert f"{path}: a dense matrix of about" in caplog.text and "sparse (CSR) copy" in caplog.text
+    path = DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"  # dense X, 200 x 16,727: 3.3M stored values
+
+    def plan_and_batches(out):
+        plan = plan_dataset(0, str(path), config.genes, {"counts": "auto", "organism": None, "min_gene_coverage": 0})
+        copied = data.ensure_sparse_copy(plan, out)
+        save_neighbors(data.neighbors_path(out, 0), neighbor_chunks(plan.matrix))
+        items = data.UnitBatches([Unit(0, 0, 0, 200)], {0: plan}, vocabulary_offsets=config.organism_offsets,
+                                 max_len=256, batch_size=64, min_counts=1, min_genes=1, seed=0,
+                                 neighbors_dir=out / "neighbors")  # fmt: skip
+        return plan, copied, [items[i] for i in range(len(items))], items
+
+    plan, copied, dense_items, _ = plan_and_batches(tmp_path / "dense")
+    assert not copied and plan.matrix.n_stored == 200 * 16_727  # small: held in memory from the file itself
+    monkeypatch.setattr(data, "HELD_VALUES", 100_000)  # below the dense 3.3M values and the 300k-odd non-zeros
+    plan, copied, copy_items, items = plan_and_batches(tmp_path / "copy")
+    copy_file = data.sparse_copy_path(tmp_path / "copy", 0)
+    assert copied and copy_file.is_file()
+    assert 100_000 < plan.matrix.n_stored < 1_000_000  # the copy's stored values are the non-zeros
+    assert items._held[1] is None  # neighbour rows came from the copy, as runs
+    for a, b in zip(dense_items, copy_items, strict=True):
+        for key in ("genes", "counts", "knn_counts", "knn_dists"):
+            assert torch.equal(a[key], b[key]), key
+        np.testing.assert_array_equal(a["cells"]["n_counts"], b["cells"]["n_counts"])
+    # a resumed run finds the copy and reads it as it is
+    written = copy_file.stat().st_mtime_ns
+    again = plan_and_batches(tmp_path / "copy")
+    assert again[1] and copy_file.stat().st_mtime_ns == written
+    # a copy of something else is written again
+    plan.matrix.close(), again[0].matrix.close()
+    copy_file.write_bytes(b"not an hdf5 file")
+    assert plan_and_batches(tmp_path / "copy")[1] and copy_file.stat().st_size > 1000
