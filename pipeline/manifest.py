@@ -8,6 +8,7 @@ Layout of ``<out>/`` (see README "Output format")::
     manifest/run_{run}/part_{part}.done.json     written last, after the part's files
     manifest/run_{run}/part_{part}.failed.json   a unit that could not be embedded
     neighbors/dataset_{id}.npz                   per-dataset kNN graph (metacell models)
+    neighbors/dataset_{id}.counts.h5             CSR copy of a large dense count matrix (metacell models)
     step_{run}__predict_part_{part}_{rank}_{embs,top3,scores}.npz, _cells.parquet, _dropped.parquet
 
 A part counts as done only through its ``.done.json``; the marker records each
@@ -37,14 +38,26 @@ def part_stem(run: int, part: int, rank: int) -> str:
     return f"step_{run}__predict_part_{part}_{rank}"
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process umask (``mkstemp`` gives 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; a crash leaves no partial file under ``path``."""
+    """Call ``write(tmp_path)`` then rename onto ``path``; a crash leaves no partial file under ``path``.
+
+    The file gets the permissions of any file the user creates (umask), so an
+    atlas written for a team is readable by it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -273,3 +273,14 @@ def test_num_workers_auto_tokenizes_in_the_predict_process_on_cpu_and_in_two_wor
     for bad in (-1, "two", 1.5, True):
         with pytest.raises(ValueError, match="data.num_workers must be auto or a number of processes >= 0"):
             resolve_num_workers(bad, "cpu")
+
+
+def test_atlas_files_get_the_permissions_of_any_file_the_user_creates(atlas_all):
+    """Written through temp files (mkstemp: 0600) and renamed, yet readable by whom the umask allows."""
+    out, _ = atlas_all
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in out.rglob("*") if p.is_file() and "logs" not in p.parts]
+    assert len(files) > 20 and any(p.parent.name == "neighbors" for p in files)
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in files}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
