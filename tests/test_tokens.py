@@ -1,5 +1,8 @@
 """Gene selection (upstream's "random expr") on real cells."""
 
+import os
+import shutil
+
 import anndata
 import numpy as np
 import pytest
@@ -148,7 +151,8 @@ def test_a_large_dense_dataset_is_read_from_a_sparse_copy_with_the_same_tokens(t
     from pipeline.plan import Unit, plan_dataset
 
     config = build_model("tiny").config
-    path = DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"  # dense X, 200 x 16,727: 3.3M stored values
+    path = tmp_path / "pbmc.h5ad"  # dense X, 200 x 16,727: 3.3M stored values; a copy, as its time is changed below
+    shutil.copyfile(DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad", path)
 
     def plan_and_batches(out):
         plan = plan_dataset(0, str(path), config.genes, {"counts": "auto", "organism": None, "min_gene_coverage": 0})
@@ -175,7 +179,13 @@ def test_a_large_dense_dataset_is_read_from_a_sparse_copy_with_the_same_tokens(t
     written = copy_file.stat().st_mtime_ns
     again = plan_and_batches(tmp_path / "copy")
     assert again[1] and copy_file.stat().st_mtime_ns == written
-    # a copy of something else is written again
+    # a copy that is not an HDF5 file, or was made from the file before it changed, is written again
     plan.matrix.close(), again[0].matrix.close()
     copy_file.write_bytes(b"not an hdf5 file")
-    assert plan_and_batches(tmp_path / "copy")[1] and copy_file.stat().st_size > 1000
+    latest = plan_and_batches(tmp_path / "copy")
+    assert latest[1] and copy_file.stat().st_size > 1000
+    latest[0].matrix.close()
+    written = copy_file.stat().st_mtime_ns
+    source = path.stat()
+    os.utime(path, ns=(source.st_atime_ns, source.st_mtime_ns + 1_000_000_000))
+    assert plan_and_batches(tmp_path / "copy")[1] and copy_file.stat().st_mtime_ns != written
