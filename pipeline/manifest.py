@@ -8,7 +8,7 @@ Layout of ``<out>/`` (see README "Output format")::
     manifest/run_{run}/part_{part}.done.json     written last, after the part's files
     manifest/run_{run}/part_{part}.failed.json   a unit that could not be embedded
     neighbors/dataset_{id}.npz                   per-dataset kNN graph (metacell models)
-    neighbors/dataset_{id}.counts.h5             CSR copy of a large dense count matrix (metacell models)
+    neighbors/dataset_{id}.counts.h5             CSR copy of a large dense count matrix, until the dataset is done
     step_{run}__predict_part_{part}_{rank}_{embs,top3,scores}.npz, _cells.parquet, _dropped.parquet
 
 A part counts as done only through its ``.done.json``; the marker records each

@@ -29,6 +29,7 @@ from models import build_model
 from models.checkpoint import file_sha256
 from pipeline import manifest
 from pipeline.atlas import term_names
+from pipeline.data import sparse_copy_path
 from pipeline.plan import DatasetPlan, Unit, make_units, plan_dataset, resolve_inputs
 
 log = logging.getLogger(__name__)
@@ -448,6 +449,8 @@ def run_predict(cfg: DictConfig) -> int:
     if trainer.global_rank != 0:
         return EXIT_OK
     table = write_datasets_table(out_dir, datasets, units, run)
+    for dataset in table.dataset[table.status == "done"]:  # a done dataset's sparse copy is not read again
+        sparse_copy_path(out_dir, dataset).unlink(missing_ok=True)
     entry["attempts"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     manifest.write_json(out_dir / "atlas.json", atlas_description(cfg, model, run, runs, with_names=True))
     print_summary(out_dir, table, units, run)
