@@ -230,23 +230,13 @@ class UnitBatches(Dataset):
         """
         if self._held[0] != ds.dataset:
             self._held = (ds.dataset, None)  # let the previous one go first
-            if self.neighbors_dir is not None:
-                self._held = (ds.dataset, _read_if_small(ds))
+            # a large dense dataset is read from its sparse copy (ensure_sparse_copy): its stored values are non-zeros
+            if self.neighbors_dir is not None and ds.matrix.n_stored <= HELD_VALUES:
+                blocks = [_read_vocabulary_counts(ds, start, min(start + HELD_BLOCK_ROWS, ds.n_cells))
+                          for start in range(0, ds.n_cells, HELD_BLOCK_ROWS)]  # fmt: skip
+                vocab, totals = zip(*blocks)
+                self._held = (ds.dataset, (sp.vstack(vocab, format="csr"), np.concatenate(totals)))
         return self._held[1]
-
-
-def _read_if_small(ds: DatasetPlan) -> tuple[sp.csr_matrix, np.ndarray] | None:
-    """The whole dataset's vocabulary and total counts if it stores at most ``HELD_VALUES`` values, else None.
-
-    A large dense dataset is read from its sparse copy by then (:func:`ensure_sparse_copy`), whose stored values
-    are its non-zeros.
-    """
-    if ds.matrix.n_stored > HELD_VALUES:
-        return None
-    blocks = [_read_vocabulary_counts(ds, start, min(start + HELD_BLOCK_ROWS, ds.n_cells))
-              for start in range(0, ds.n_cells, HELD_BLOCK_ROWS)]  # fmt: skip
-    vocab, totals = zip(*blocks)
-    return sp.vstack(vocab, format="csr"), np.concatenate(totals)
 
 
 def _read_vocabulary_counts(ds: DatasetPlan, start: int, stop: int) -> tuple[sp.csr_matrix, np.ndarray]:
