@@ -48,9 +48,9 @@ def ensure_sparse_copy(ds: DatasetPlan, out_dir) -> bool:
     any read: a worker reading the scattered rows of a batch's neighbours from
     a dense file decompresses whole chunks for each row (190-1,090 cells/s on
     10,000 dense PBMC cells), while from a CSR copy they are read as runs.
-    A copy left by an earlier attempt is used if it was made from the file
-    as it is now (same size and modification time). Returns whether the
-    dataset is now read from a copy.
+    A copy left by an earlier attempt is used if it was made from the same
+    matrix of the file as it is now (same counts location, shape, file size
+    and modification time). Returns whether the dataset is now read from a copy.
     """
     matrix = ds.matrix
     if matrix.n_stored <= HELD_VALUES or matrix.n_stored < ds.n_cells * ds.n_genes:
@@ -60,7 +60,11 @@ def ensure_sparse_copy(ds: DatasetPlan, out_dir) -> bool:
     made_from = [source.st_size, source.st_mtime_ns]
     try:
         with h5py.File(path, "r") as copy:
-            current = [int(v) for v in copy.attrs.get("made_from", [])] == made_from
+            current = (
+                [int(v) for v in copy.attrs.get("made_from", [])] == made_from
+                and [int(v) for v in copy.attrs.get("shape", [])] == [ds.n_cells, ds.n_genes]
+                and copy.attrs.get("counts_location") == ds.counts_location
+            )
     except OSError:  # none yet, or unreadable
         current = False
     if current:
@@ -72,7 +76,7 @@ def ensure_sparse_copy(ds: DatasetPlan, out_dir) -> bool:
     def write(tmp: str) -> None:
         with h5py.File(tmp, "w") as out:
             out.attrs["shape"] = (ds.n_cells, ds.n_genes)
-            out.attrs["source"] = ds.path
+            out.attrs["source"], out.attrs["counts_location"] = ds.path, ds.counts_location
             out.attrs["made_from"] = made_from  # the source file's size and modification time
             data = out.create_dataset("data", (0,), dtype=np.float32, maxshape=(None,), chunks=(1 << 16,))
             indices = out.create_dataset("indices", (0,), dtype=np.int32, maxshape=(None,), chunks=(1 << 16,))

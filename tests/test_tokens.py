@@ -4,6 +4,7 @@ import os
 import shutil
 
 import anndata
+import h5py
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -188,4 +189,12 @@ def test_a_large_dense_dataset_is_read_from_a_sparse_copy_with_the_same_tokens(t
     written = copy_file.stat().st_mtime_ns
     source = path.stat()
     os.utime(path, ns=(source.st_atime_ns, source.st_mtime_ns + 1_000_000_000))
+    latest = plan_and_batches(tmp_path / "copy")
+    assert latest[1] and copy_file.stat().st_mtime_ns != written
+    # ... or of another matrix of the same file (data.counts changed between runs)
+    latest[0].matrix.close()
+    with h5py.File(copy_file, "r+") as copy:
+        assert copy.attrs["counts_location"] == "X"
+        copy.attrs["counts_location"] = "layers/counts"
+    written = copy_file.stat().st_mtime_ns
     assert plan_and_batches(tmp_path / "copy")[1] and copy_file.stat().st_mtime_ns != written
