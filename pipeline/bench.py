@@ -23,7 +23,7 @@ from models import build_model
 from pipeline.data import UnitBatches, ensure_sparse_copy, neighbors_path, resolve_num_workers
 from pipeline.neighbors import neighbor_chunks, save_neighbors
 from pipeline.plan import Unit, plan_dataset
-from pipeline.predict import fast_fp32_matmul, keep_freed_memory
+from pipeline.predict import fast_fp32_matmul, fp32_matmul_precision, keep_freed_memory
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
@@ -159,7 +159,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
         a @ a
     _sync(device)
     source = f"measured {n}x{n} {str(dtype).replace('torch.', '')} matmul"
-    if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.matmul.fp32_precision == "bf16":
+    if device.type == "cpu" and dtype == torch.float32 and fp32_matmul_precision() == "bf16":
         source += " on bf16 units"  # see pipeline.predict.fast_fp32_matmul
     return 2 * n**3 * reps / (time.perf_counter() - t0), source
 

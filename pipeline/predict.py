@@ -111,6 +111,13 @@ def fp32_matmul_probe(dim: int, n_heads: int, n_tokens: int, seed: int = 0) -> t
     return error, min(seconds[1:])
 
 
+def fp32_matmul_precision() -> str | None:
+    """``torch.backends.mkldnn.matmul.fp32_precision``, or None with a torch that lacks the setting or oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
+
+
 def fast_fp32_matmul(dim: int, n_heads: int, n_tokens: int) -> bool:
     """Let oneDNN run fp32 matmuls and CPU attention on bf16 units where that is as exact as fp32, and faster.
 
@@ -127,10 +134,10 @@ def fast_fp32_matmul(dim: int, n_heads: int, n_tokens: int) -> bool:
     Returns whether it is on; always False with a torch that lacks the
     setting or oneDNN.
     """
-    matmul = getattr(torch.backends.mkldnn, "matmul", None)
-    if not torch.backends.mkldnn.is_available() or not hasattr(matmul, "fp32_precision"):
+    previous = fp32_matmul_precision()
+    if previous is None:
         return False
-    previous = matmul.fp32_precision
+    matmul = torch.backends.mkldnn.matmul
     matmul.fp32_precision = "ieee"
     fp32_seconds = fp32_matmul_probe(dim, n_heads, n_tokens)[1]
     matmul.fp32_precision = "bf16"
@@ -181,8 +188,7 @@ class AtlasPredictor(L.LightningModule):
 
     def on_predict_start(self) -> None:
         keep_freed_memory()  # after the kNN graphs (setup), so their large temporaries still go back to the system
-        matmul = getattr(torch.backends.mkldnn, "matmul", None)
-        self._fp32_precision = getattr(matmul, "fp32_precision", None)  # put back at the end of the run
+        self._fp32_precision = fp32_matmul_precision()  # put back at the end of the run
         if self.device.type == "cpu":
             fast_fp32_matmul(self.model.config.d_model, self.model.config.nhead, self.max_len)
 
