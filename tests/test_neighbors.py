@@ -146,10 +146,10 @@ def test_save_refuses_mismatched_arrays_and_load_refuses_other_files(tmp_path):
 def test_gram_of_the_variable_genes_is_the_same_by_the_sparse_or_the_dense_product(monkeypatch, path):
     with open_counts(path) as matrix:
         rows = neighbors._log_normalised(matrix.read_rows(0, min(matrix.n_cells, 3000)))
-    # as in the graph, a Gram of 2,000 genes (here the most often expressed), not of the
-    # whole transcriptome: 16,727 PBMC genes would make three 2.2 GB arrays
-    n_genes = min(rows.shape[1], 2000)
-    rows = rows[:, np.sort(np.argsort(-rows.getnnz(axis=0), kind="stable")[:n_genes])].tocsr()
+    # as in the graph, a Gram of N_VARIABLE_GENES genes (here the most often expressed), not of
+    # the whole transcriptome: 16,727 PBMC genes would make three 2.2 GB arrays
+    n_genes = min(rows.shape[1], neighbors.N_VARIABLE_GENES)
+    rows = rows[:, np.sort(np.argsort(-rows.getnnz(axis=0), kind="stable")[:n_genes])]
     exact = (rows.T @ rows).toarray()
     chosen = neighbors._gram(rows, rows_per_product=256)  # the brain panel takes the sparse product, PBMC the dense
     monkeypatch.setattr(neighbors, "GRAM_SPARSE_COST", 0.0)  # the dense product, in slices of 256 rows
