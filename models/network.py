@@ -419,10 +419,7 @@ class ScPrint2(nn.Module):
         )
         if cfg.compress_class_dim:
             self.compressor = nn.ModuleDict(
-                {
-                    c: VAECompressor(Dc, w) if w >= 8 else FSQCompressor(Dc, w)
-                    for c, w in cfg.compress_class_dim.items()
-                }
+                {c: VAECompressor(Dc, w) if w >= 8 else FSQCompressor(Dc, w) for c, w in cfg.compress_class_dim.items()}
             )
         else:
             self.compressor = None

@@ -1,13 +1,13 @@
 """The ``scatlas`` command.
 
-    scatlas predict [key=value ...]   embed datasets (a Hydra app: configs/predict.yaml; --help lists the groups)
-    scatlas status ATLAS_DIR          units and cells done, failures, per-rank throughput, ETA
-    scatlas validate ATLAS_DIR        exit 0 only if the atlas is complete and consistent
-    scatlas bench [--help]            data path, memory, forward and end-to-end throughput figures
-    scatlas summarize ATLAS_DIR       tables of predicted labels per dataset, cell type x tissue/..., scores
-    scatlas plot ATLAS_DIR            PNGs: PCA/UMAP of a cell sample, score histograms, cell type x tissue
-    scatlas probe ATLAS_DIR --label COLUMN   linear probe of the embeddings against a source obs column
-    scatlas train-demo [--out-dir DIR]      re-train the shipped tiny demo checkpoint (CPU, minutes, deterministic)
+scatlas predict [key=value ...]   embed datasets (a Hydra app: configs/predict.yaml; --help lists the groups)
+scatlas status ATLAS_DIR          units and cells done, failures, per-rank throughput, ETA
+scatlas validate ATLAS_DIR        exit 0 only if the atlas is complete and consistent
+scatlas bench [--help]            data path, memory, forward and end-to-end throughput figures
+scatlas summarize ATLAS_DIR       tables of predicted labels per dataset, cell type x tissue/..., scores
+scatlas plot ATLAS_DIR            PNGs: PCA/UMAP of a cell sample, score histograms, cell type x tissue
+scatlas probe ATLAS_DIR --label COLUMN   linear probe of the embeddings against a source obs column
+scatlas train-demo [--out-dir DIR]      re-train the shipped tiny demo checkpoint (CPU, minutes, deterministic)
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import sys
 import warnings
 from pathlib import Path
 
-import configs
+from configs import CONFIG_DIR
 
-CONFIG_DIR = str(Path(configs.__file__).parent)
 USAGE = __doc__
 
 
@@ -30,14 +29,15 @@ def predict(argv: list[str]) -> int:
     from omegaconf import DictConfig
 
     from models import CheckpointError
-    from pipeline.predict import run_predict
+    from pipeline.analysis.heldout import heldout_report
+    from pipeline.run.predict import run_predict
 
     exit_code = {"code": 0}
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
     def app(cfg: DictConfig) -> None:
         try:
-            exit_code["code"] = run_predict(cfg)
+            exit_code["code"] = run_predict(cfg, extra_lines=heldout_report)
         except (FileNotFoundError, ValueError, CheckpointError) as err:
             print(f"scatlas predict: error: {err}", file=sys.stderr)
             exit_code["code"] = 2
@@ -50,7 +50,7 @@ def predict(argv: list[str]) -> int:
 
 
 def status(argv: list[str]) -> int:
-    from pipeline.atlas import load_state, status_report
+    from pipeline.atlas.state import load_state, status_report
 
     args = _atlas_args("status", argv)
     print("\n\n".join(status_report(load_state(d, args.run)) for d in args.atlas_dirs))
@@ -58,7 +58,8 @@ def status(argv: list[str]) -> int:
 
 
 def validate(argv: list[str]) -> int:
-    from pipeline.atlas import load_state, validate as check
+    from pipeline.atlas.state import load_state
+    from pipeline.atlas.state import validate as check
 
     args = _atlas_args("validate", argv)
     n_invalid = 0
@@ -91,19 +92,19 @@ def _atlas_args(command: str, argv: list[str]) -> argparse.Namespace:
 
 
 def train_demo(argv: list[str]) -> int:
-    from pipeline.train_demo import main as run_train_demo
+    from pipeline.tools.train_demo import main as run_train_demo
 
     return run_train_demo(argv)
 
 
 def bench(argv: list[str]) -> int:
-    from pipeline.bench import main as run_bench
+    from pipeline.tools.bench import main as run_bench
 
     return run_bench(argv)
 
 
 def summarize(argv: list[str]) -> int:
-    from pipeline.analysis import summary_report, summary_tables, write_tables
+    from pipeline.analysis.summary import summary_report, summary_tables, write_tables
 
     parser = _analysis_parser("summarize", "Count predicted labels per dataset (cell type x tissue, disease, age, "
                               "assay, organism, ...), compare the top-1/2/3 labels and their scores per class; "
@@ -117,7 +118,7 @@ def summarize(argv: list[str]) -> int:
 
 
 def plot(argv: list[str]) -> int:
-    from pipeline.analysis import plot_atlas
+    from pipeline.analysis.plots import plot_atlas
 
     parser = _analysis_parser("plot", "Write PNGs: a PCA (or UMAP) of a random sample of cells coloured by "
                               "predicted cell type and by dataset, the top-1/2/3 score histograms of every "
@@ -132,7 +133,7 @@ def plot(argv: list[str]) -> int:
 
 
 def probe(argv: list[str]) -> int:
-    from pipeline.analysis import linear_probe, probe_report, write_probe
+    from pipeline.analysis.probe import linear_probe, probe_report, write_probe
 
     parser = _analysis_parser("probe", "Train a linear probe (logistic regression on standardized embeddings) "
                               "against a label column of the source datasets' obs, joined cell by cell; report "
@@ -158,7 +159,7 @@ def _analysis_parser(command: str, description: str, default_out: str) -> argpar
 
 
 def _open(parser: argparse.ArgumentParser, argv: list[str]):
-    from pipeline.atlas import open_atlas
+    from pipeline.atlas.reader import open_atlas
 
     args = parser.parse_args(argv)
     return args, open_atlas(args.atlas_dir, args.run)

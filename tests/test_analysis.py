@@ -9,12 +9,17 @@ import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import DATA, run
-from pipeline.atlas import ONTOLOGY_TERM, load_state, open_atlas, read_part
+
+from pipeline.atlas import load_state, open_atlas, read_part
+from pipeline.atlas.labels import ONTOLOGY_TERM
 
 BMMC = DATA / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
-INPUTS = [BMMC, DATA / "cxg_schema5_human_heart_fixture_320x136.h5ad", DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"]
+INPUTS = [
+    BMMC,
+    DATA / "cxg_schema5_human_heart_fixture_320x136.h5ad",
+    DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad",
+]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -103,12 +108,17 @@ def test_to_anndata_rows_are_the_source_cells(atlas_dir, parts):
     assert adata.n_obs == 250
     assert list(adata.obs_names) == list(source.obs_names[adata.obs["row"].to_numpy()])
     assert np.array_equal(adata.obsm["X_scprint2"], np.concatenate([p["embs"] for p in parts])[rows])
-    assert np.array_equal(adata.obs["cell_type_top1"].to_numpy(str), atlas.decode("cell_type", atlas.top("cell_type", 1, rows)[:, 0]))
+    assert np.array_equal(
+        adata.obs["cell_type_top1"].to_numpy(str), atlas.decode("cell_type", atlas.top("cell_type", 1, rows)[:, 0])
+    )
     assert np.array_equal(adata.obs["cell_type_top2_score"], atlas.scores("cell_type", 2, rows)[:, 1])
     joined = atlas.source_obs("cell_type", rows)["cell_type"].to_numpy(str)
     assert np.array_equal(joined, source.obs["cell_type"].to_numpy(str)[adata.obs["row"].to_numpy()])
     adata.write_h5ad(atlas_dir.parent / "selection.h5ad")
-    assert anndata.read_h5ad(atlas_dir.parent / "selection.h5ad").obsm["X_scprint2"].shape == (250, atlas.embedding_width)
+    assert anndata.read_h5ad(atlas_dir.parent / "selection.h5ad").obsm["X_scprint2"].shape == (
+        250,
+        atlas.embedding_width,
+    )
 
 
 def test_summarize_counts_add_up_to_the_embedded_cells(atlas_dir):
@@ -123,7 +133,16 @@ def test_summarize_counts_add_up_to_the_embedded_cells(atlas_dir):
     for _, table in by_dataset.groupby("class"):
         assert table.groupby("dataset")["n_cells"].sum().equals(embedded)
     crossed = pd.read_csv(summary / "cell_type_by_class.csv")
-    assert set(crossed["class"]) == {"tissue", "disease", "age", "assay", "ethnicity", "sex", "organism", "cell_culture"}
+    assert set(crossed["class"]) == {
+        "tissue",
+        "disease",
+        "age",
+        "assay",
+        "ethnicity",
+        "sex",
+        "organism",
+        "cell_culture",
+    }
     assert (crossed.groupby("class")["n_cells"].sum() == 1118).all()
     labels = pd.read_csv(summary / "labels.csv")
     assert (labels.groupby("class")["n_top1"].sum() == 1118).all()
@@ -136,7 +155,9 @@ def test_summarize_counts_add_up_to_the_embedded_cells(atlas_dir):
 def test_commands_read_only_done_parts_of_an_atlas_being_written(atlas_dir, tmp_path):
     partial = tmp_path / "atlas"
     shutil.copytree(atlas_dir, partial, ignore=shutil.ignore_patterns("summary", "plots"))
-    last = max((partial / "manifest" / "run_0").glob("part_*.done.json"), key=lambda p: int(p.stem.split("_")[1].split(".")[0]))
+    last = max(
+        (partial / "manifest" / "run_0").glob("part_*.done.json"), key=lambda p: int(p.stem.split("_")[1].split(".")[0])
+    )
     n_last = json.loads(last.read_text())["n_cells"]
     last.unlink()  # its files are written, its marker not yet: not part of the atlas
     atlas = open_atlas(partial)

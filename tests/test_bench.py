@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import bench
+from pipeline.tools import bench
 
 
 def test_bench_prints_and_writes_every_figure(tmp_path, capsys):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from test_parity_upstream import upstream_python  # noqa: F401 - session fixture: installs upstream
 
-from pipeline.bench_upstream import ATOL, compare_upstream
+from pipeline.tools.bench_upstream import ATOL, compare_upstream
 
 # the published small model's widths with two layers each: wide enough that, on a CPU with bf16 units that
 # are as exact as fp32 (AVX512-BF16 here), ours runs its fp32 matmuls on them
@@ -33,8 +33,13 @@ def test_compare_upstream_small_shape(upstream_python, tmp_path):  # noqa: F811
                 "ratio_shipped", "ratio_our_settings", "flops_per_cell"):  # fmt: skip
         assert np.isfinite(result[key]) and result[key] > 0, key
     assert np.isclose(result["ratio"], result["cells_per_s_ours"] / result["cells_per_s_upstream"])
-    for key in ("seconds_ours", "seconds_ours_one_forward", "seconds_upstream", "seconds_upstream_shipped",
-                "seconds_upstream_our_settings"):
+    for key in (
+        "seconds_ours",
+        "seconds_ours_one_forward",
+        "seconds_upstream",
+        "seconds_upstream_shipped",
+        "seconds_upstream_our_settings",
+    ):
         assert len(result[key]) == 1, key
     assert len(result["load_average"]) == 2
     # upstream's shipped attention dropout (0.02) is applied in eval: why equal outputs need it at 0

@@ -6,15 +6,14 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
 from conftest import DATA, cells_and_outputs, run
+
+from configs import compose_predict
 from models import build_model, load_checkpoint
 from models.checkpoint import file_sha256, read_checkpoint
 from models.presets import DEMO_CHECKPOINT
-from pipeline.cli import CONFIG_DIR
-from pipeline.train_demo import (CELL_TYPE, ORGANISM, PREDICT_SETTINGS, TRAINING_FILES, accuracy,
-                                 cell_type_table)  # fmt: skip
+from pipeline.analysis.heldout import CELL_TYPE, ORGANISM, accuracy, cell_type_table
+from pipeline.tools.train_demo import TRAINING_FILES
 
 METRICS = json.loads(DEMO_CHECKPOINT.with_suffix(".metrics.json").read_text())
 HELD_OUT = pd.read_csv(DEMO_CHECKPOINT.with_suffix(".heldout.csv"), keep_default_na=False)
@@ -36,13 +35,7 @@ def test_shipped_checkpoint_loads_strictly_with_the_labels_it_was_trained_on():
     stored = {v.dtype for v in raw["state_dict"].values() if v.is_floating_point()}
     assert stored == {torch.float16} and {p.dtype for p in model.parameters()} == {torch.float32}
     assert build_model("tiny", "demo").checkpoint_sha256 == METRICS["checkpoint_sha256"]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("predict")
-    assert cfg.model.checkpoint == "demo"  # the default of model=tiny
-    # training prepares cells as a default predict run does
-    defaults = {k: cfg.data[k] for k in PREDICT_SETTINGS if k in cfg.data}
-    defaults.update(max_len=cfg.model.max_len, seed=cfg.seed)
-    assert PREDICT_SETTINGS == defaults
+    assert compose_predict().model.checkpoint == "demo"  # the default of model=tiny
 
 
 def test_cell_type_table_names_real_cell_ontology_terms():

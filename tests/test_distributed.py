@@ -5,8 +5,8 @@ import sys
 
 import numpy as np
 import pandas as pd
-
 from conftest import cells_and_outputs, interrupt, predict_args, run
+
 from pipeline.atlas import validate
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
@@ -33,7 +33,9 @@ def test_two_cpu_processes_give_the_single_process_atlas(tmp_path, reference):
     for part, record in state.done.items():  # each unit written once, by the rank in its file names
         files = sorted(p.name for p in out.glob(f"step_0__predict_part_{part}_*"))
         assert len(files) == 5 and all(f.startswith(f"step_0__predict_part_{part}_{record['rank']}_") for f in files)
-    cells_by_rank = {r: sum(x["n_cells"] + x["n_dropped"] for x in state.done.values() if x["rank"] == r) for r in ranks}
+    cells_by_rank = {
+        r: sum(x["n_cells"] + x["n_dropped"] for x in state.done.values() if x["rank"] == r) for r in ranks
+    }
     assert abs(cells_by_rank[0] - cells_by_rank[1]) <= 100  # balanced by cells (units of at most 100 cells)
     status = run([sys.executable, "-m", "pipeline", "status", str(out)]).stdout
     assert "rank    0" in status and "rank    1" in status

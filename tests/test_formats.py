@@ -21,10 +21,11 @@ import scipy.sparse as sp
 from conftest import DATA, cells_and_outputs, predict_args, run
 
 from pipeline.atlas import validate
-from pipeline.formats import detect_format
-from pipeline.genes import to_ensembl
-from pipeline.plan import DatasetPlan, join_metadata, resolve_inputs
-from pipeline.readers import DatasetError, open_counts
+from pipeline.io.formats import detect_format, open_counts
+from pipeline.io.matrix import DatasetError
+from pipeline.plan.datasets import DatasetPlan, join_metadata
+from pipeline.plan.genes import to_ensembl
+from pipeline.plan.inputs import resolve_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # anndata's zarr v2 notice
 

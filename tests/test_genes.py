@@ -1,14 +1,13 @@
-"""pipeline.genes on the shipped real datasets and the GENCODE tables."""
-
+"""pipeline.plan.genes on the shipped real datasets and the GENCODE tables."""
 
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-
-from pipeline.genes import ORGANISMS, gene_table, organism_id, to_ensembl, to_vocabulary, vocabulary_columns
 from conftest import BMMC, BRAIN, CD4T, HEART, PBMC, SPLEEN
-from pipeline.readers import open_counts
+
+from pipeline.io.formats import open_counts
+from pipeline.plan.genes import ORGANISMS, gene_table, organism_id, to_ensembl, to_vocabulary, vocabulary_columns
 
 pytestmark = pytest.mark.filterwarnings("ignore::anndata.OldFormatWarning")
 

@@ -1,4 +1,4 @@
-"""pipeline.neighbors on the shipped real datasets."""
+"""pipeline.tokens.neighbors on the shipped real datasets."""
 
 from pathlib import Path
 
@@ -7,11 +7,18 @@ import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
-import pipeline.neighbors as neighbors
-from pipeline.neighbors import compute_neighbors, load_neighbors, pca_coordinates, save_neighbors
-from pipeline.readers import open_counts
+import pipeline.tokens.neighbors as neighbors
+from pipeline.io.formats import open_counts
+from pipeline.tokens.neighbors import fit_pca, load_neighbors, neighbor_chunks, project, save_neighbors
 
 pytestmark = pytest.mark.filterwarnings("ignore::anndata.OldFormatWarning")
+
+
+def compute_neighbors(matrix, **settings):
+    """The whole graph of a dataset: its chunks joined."""
+    chunks = list(neighbor_chunks(matrix, **settings))
+    return np.concatenate([c[1] for c in chunks]), np.concatenate([c[2] for c in chunks])
+
 
 DATA = Path(__file__).parent / "data"
 BMMC = DATA / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
@@ -64,7 +71,7 @@ def test_bmmc_neighbours_share_the_cell_type():
 
 def test_streamed_pca_matches_a_full_pca():
     with open_counts(BMMC) as matrix:
-        coordinates = pca_coordinates(matrix, block_size=128)
+        coordinates = project(matrix, fit_pca(matrix, block_size=128), 0, matrix.n_cells, block_size=128)
         log_normalised = neighbors._log_normalised(matrix.read_rows(0, matrix.n_cells)).toarray()
     assert coordinates.shape == (600, 30)  # n_cells // 20 components for <= 1000 cells
     # 1000 genes < 2000: every gene is used, so this is the plain PCA of log1p(normalised counts)
@@ -122,7 +129,9 @@ def test_save_and_load_round_trip(tmp_path, brain_neighbors):
     indices, distances = brain_neighbors
     path = tmp_path / "neighbors.npz"
     save_neighbors(path, [(0, indices, distances)])
-    save_neighbors(path, [(0, indices[:4000], distances[:4000]), (4000, indices[4000:], distances[4000:])])  # overwrites
+    save_neighbors(
+        path, [(0, indices[:4000], distances[:4000]), (4000, indices[4000:], distances[4000:])]
+    )  # overwrites
     loaded_indices, loaded_distances = load_neighbors(path)
     assert isinstance(loaded_indices, np.memmap) and isinstance(loaded_distances, np.memmap)  # read when indexed
     np.testing.assert_array_equal(loaded_indices, indices)
@@ -135,7 +144,9 @@ def test_save_and_load_round_trip(tmp_path, brain_neighbors):
 
 def test_save_refuses_mismatched_arrays_and_load_refuses_other_files(tmp_path):
     with pytest.raises(ValueError, match=r"chunk at row 0 has indices \(3, 6\) and distances \(3, 5\)"):
-        save_neighbors(tmp_path / "bad.npz", [(0, np.zeros((3, 6), dtype=np.int64), np.zeros((3, 5), dtype=np.float32))])
+        save_neighbors(
+            tmp_path / "bad.npz", [(0, np.zeros((3, 6), dtype=np.int64), np.zeros((3, 5), dtype=np.float32))]
+        )
     assert list(tmp_path.iterdir()) == []
     np.savez(tmp_path / "other.npz", embeddings=np.zeros((3, 4)))
     with pytest.raises(ValueError, match="not a neighbour graph"):

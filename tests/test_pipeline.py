@@ -18,10 +18,10 @@ from conftest import PBMC, cells_and_outputs, predict_args, run
 from models import load_checkpoint
 from models.checkpoint import file_sha256
 from models.presets import DEMO_CHECKPOINT
-from pipeline import manifest
-from pipeline.atlas import load_state, read_part, validate
-from pipeline.data import resolve_num_workers
-from pipeline.predict import FP32_MATMUL_RTOL, AtlasPredictor, fp32_matmul_probe
+from pipeline.atlas import load_state, manifest, read_part, validate
+from pipeline.run.cpu import FP32_MATMUL_RTOL, fp32_matmul_probe
+from pipeline.run.datamodule import resolve_num_workers
+from pipeline.run.module import AtlasPredictor
 
 DATA = Path(__file__).parent / "data"
 DATASETS = sorted(DATA.glob("*.h5ad"))
@@ -49,8 +49,14 @@ def all_parts(out_dir):
 @pytest.fixture(scope="session")
 def atlas_all(tmp_path_factory):
     out = tmp_path_factory.mktemp("atlas") / "all"
-    proc = scatlas("predict", f"input={DATA}", f"out_dir={out}", "data.num_workers=1", "data.cells_per_unit=4000",
-                   "model.max_len=128")
+    proc = scatlas(
+        "predict",
+        f"input={DATA}",
+        f"out_dir={out}",
+        "data.num_workers=1",
+        "data.cells_per_unit=4000",
+        "model.max_len=128",
+    )
     return out, proc
 
 
@@ -105,7 +111,9 @@ def test_zero_count_cell_and_heart_organism_edge_cases_are_dropped_with_reasons(
     assert brain_dropped.loc[zero[0], "reason"] == "no_counts"
     heart = datasets.loc[str(HEART), "dataset"]
     heart_dropped = dropped[dropped.dataset == heart].set_index("obs_name")
-    assert heart_dropped.loc["CTACTATCATGTGACT-1-H0025_LV-0", "reason"] == "organism_mismatch"  # mouse cell, human genes
+    assert (
+        heart_dropped.loc["CTACTATCATGTGACT-1-H0025_LV-0", "reason"] == "organism_mismatch"
+    )  # mouse cell, human genes
     assert heart_dropped.loc["CAGAGCCGTTCCTAAG-1-H0026_LV_V3-0", "reason"] == "organism_unsupported"  # macaque
     heart_cells = pd.concat([p["cells"] for p in parts.values()])
     heart_cells = heart_cells[heart_cells.dataset == heart].set_index("obs_name")
@@ -213,7 +221,7 @@ def test_validate_catches_duplicated_and_missing_cells_even_with_matching_checks
 PAGE_FAULTS = """
 import resource, sys
 import numpy as np
-from pipeline.predict import keep_freed_memory
+from pipeline.run.cpu import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 faults = []
@@ -261,7 +269,9 @@ def test_predictor_uses_bf16_units_for_fp32_matmuls_only_as_measured_and_puts_th
     predictor.on_predict_start()
     chosen = torch.backends.mkldnn.matmul.fp32_precision
     if chosen == "bf16":  # kept only where it is as exact as fp32: measured again under the setting
-        assert fp32_matmul_probe(predictor.model.config.d_model, predictor.model.config.nhead, 256)[0] <= FP32_MATMUL_RTOL
+        assert (
+            fp32_matmul_probe(predictor.model.config.d_model, predictor.model.config.nhead, 256)[0] <= FP32_MATMUL_RTOL
+        )
     else:
         assert chosen == previous
     predictor.on_predict_end()

@@ -1,4 +1,4 @@
-"""pipeline.readers on the shipped real datasets and on broken copies of them."""
+"""pipeline.io readers on the shipped real datasets and on broken copies of them."""
 
 import os
 import pickle
@@ -9,10 +9,11 @@ import h5py
 import numpy as np
 import pytest
 import scipy.sparse as sp
-
-import pipeline.readers as readers
 from conftest import BMMC, BRAIN, CD4T, HEART, PBMC, SPLEEN
-from pipeline.readers import CountMatrix, DatasetError, open_counts
+
+import pipeline.io.matrix as readers
+from pipeline.io.formats import open_counts
+from pipeline.io.matrix import CountMatrix, DatasetError
 
 pytestmark = pytest.mark.filterwarnings("ignore::anndata.OldFormatWarning")
 
@@ -61,7 +62,7 @@ def test_real_dataset_rows_match_anndata(path, n_cells, n_genes, location, stora
 
 def test_scattered_rows_are_read_in_runs(monkeypatch):
     """Rows far apart in the file: each run of nearby rows is one read, and the rows come back exact."""
-    from pipeline import readers
+    from pipeline.io import matrix as readers
 
     expected = anndata_counts(BRAIN, "X")
     rng = np.random.default_rng(0)
@@ -71,7 +72,9 @@ def test_scattered_rows_are_read_in_runs(monkeypatch):
         assert matrix.n_stored == expected.nnz
         source = matrix._rows_source
         original = type(source.data).__getitem__
-        monkeypatch.setattr(type(source.data), "__getitem__", lambda self, key: calls.append(key) or original(self, key))
+        monkeypatch.setattr(
+            type(source.data), "__getitem__", lambda self, key: calls.append(key) or original(self, key)
+        )
         got = matrix.read_rows_at(rows)
         n_runs = len(calls) // 2  # data and indices per run
         monkeypatch.setattr(readers, "RUN_GAP_VALUES", 0)  # every row its own run, unless adjacent in the file

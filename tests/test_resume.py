@@ -9,9 +9,10 @@ import anndata
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-
 from conftest import DATA, SMALL, cells_and_outputs, interrupt, predict_args, run, scprint1_style_config
+
 from pipeline.atlas import load_state, validate
+
 
 def assert_same_atlas(out, reference):
     assert validate(out) == []

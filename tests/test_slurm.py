@@ -152,7 +152,9 @@ def test_launcher_writes_the_sbatch_flags(tmp_path, monkeypatch):
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """A clean environment: no SLURM_* from outside, stand-in srun/scontrol first on PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("N_TASKS", "SCATLAS_DRY_RUN")}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("N_TASKS", "SCATLAS_DRY_RUN")
+    }
     env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env

@@ -11,8 +11,8 @@ import scipy.sparse as sp
 import torch
 from conftest import DATA
 
-from pipeline import tokens
-from pipeline.tokens import cell_keys, lookup, select_genes
+from pipeline.tokens import select as tokens
+from pipeline.tokens.select import cell_keys, lookup, select_genes
 
 PBMC = DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"
 
@@ -111,23 +111,27 @@ def test_vocabulary_barely_larger_than_max_len():
     assert (everything == np.arange(300)).all()
 
 
-@pytest.mark.parametrize("name", ["tenx_mouse_brain_e18_10000x1000.h5ad", "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"])
+@pytest.mark.parametrize(
+    "name", ["tenx_mouse_brain_e18_10000x1000.h5ad", "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"]
+)
 def test_held_dataset_gives_the_tokens_of_reads_from_the_file(tmp_path, monkeypatch, name):
     """A worker holding a small dataset in memory feeds the model exactly what per-batch file reads give."""
     from models import build_model
-    from pipeline import data
-    from pipeline.neighbors import neighbor_chunks, save_neighbors
-    from pipeline.plan import Unit, plan_dataset
+    from pipeline.atlas import layout
+    from pipeline.plan.datasets import plan_dataset
+    from pipeline.plan.units import Unit
+    from pipeline.tokens import batches as data
+    from pipeline.tokens.neighbors import neighbor_chunks, save_neighbors
 
     config = build_model("tiny").config
     plan = plan_dataset(0, str(DATA / name), config.genes, {"counts": "auto", "organism": None, "min_gene_coverage": 0})
-    save_neighbors(data.neighbors_path(tmp_path, 0), neighbor_chunks(plan.matrix))
+    save_neighbors(layout.neighbors_path(tmp_path, 0), neighbor_chunks(plan.matrix))
     unit = Unit(0, 0, 0, min(plan.n_cells, 2000))
 
     def batches():
         items = data.UnitBatches([unit], {0: plan}, vocabulary_offsets=config.organism_offsets, max_len=256,
                                  batch_size=64, min_counts=1, min_genes=1, seed=0,
-                                 neighbors_dir=tmp_path / "neighbors")  # fmt: skip
+                                 neighbor_files={0: layout.neighbors_path(tmp_path, 0)})  # fmt: skip
         return items, [items[i] for i in range(len(items))]
 
     held, held_items = batches()
@@ -147,9 +151,11 @@ def test_held_dataset_gives_the_tokens_of_reads_from_the_file(tmp_path, monkeypa
 def test_a_large_dense_dataset_is_read_from_a_sparse_copy_with_the_same_tokens(tmp_path, monkeypatch):
     """Neighbour rows from a dense file cost whole chunks each; a large one is copied once to CSR and read from it."""
     from models import build_model
-    from pipeline import data
-    from pipeline.neighbors import neighbor_chunks, save_neighbors
-    from pipeline.plan import Unit, plan_dataset
+    from pipeline.atlas import layout
+    from pipeline.plan.datasets import plan_dataset
+    from pipeline.plan.units import Unit
+    from pipeline.tokens import batches as data
+    from pipeline.tokens.neighbors import neighbor_chunks, save_neighbors
 
     config = build_model("tiny").config
     path = tmp_path / "pbmc.h5ad"  # dense X, 200 x 16,727: 3.3M stored values; a copy, as its time is changed below
@@ -157,18 +163,18 @@ def test_a_large_dense_dataset_is_read_from_a_sparse_copy_with_the_same_tokens(t
 
     def plan_and_batches(out):
         plan = plan_dataset(0, str(path), config.genes, {"counts": "auto", "organism": None, "min_gene_coverage": 0})
-        copied = data.ensure_sparse_copy(plan, out)
-        save_neighbors(data.neighbors_path(out, 0), neighbor_chunks(plan.matrix))
+        copied = data.ensure_sparse_copy(plan, layout.sparse_copy_path(out, 0))
+        save_neighbors(layout.neighbors_path(out, 0), neighbor_chunks(plan.matrix))
         items = data.UnitBatches([Unit(0, 0, 0, 200)], {0: plan}, vocabulary_offsets=config.organism_offsets,
                                  max_len=256, batch_size=64, min_counts=1, min_genes=1, seed=0,
-                                 neighbors_dir=out / "neighbors")  # fmt: skip
+                                 neighbor_files={0: layout.neighbors_path(out, 0)})  # fmt: skip
         return plan, copied, [items[i] for i in range(len(items))], items
 
     plan, copied, dense_items, _ = plan_and_batches(tmp_path / "dense")
     assert not copied and plan.matrix.n_stored == 200 * 16_727  # small: held in memory from the file itself
     monkeypatch.setattr(data, "HELD_VALUES", 100_000)  # below the dense 3.3M values and the 300k-odd non-zeros
     plan, copied, copy_items, items = plan_and_batches(tmp_path / "copy")
-    copy_file = data.sparse_copy_path(tmp_path / "copy", 0)
+    copy_file = layout.sparse_copy_path(tmp_path / "copy", 0)
     assert copied and copy_file.is_file()
     assert 100_000 < plan.matrix.n_stored < 1_000_000  # the copy's stored values are the non-zeros
     assert items._held[1] is None  # neighbour rows came from the copy, as runs

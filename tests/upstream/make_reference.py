@@ -168,7 +168,7 @@ def label_tables():
 def write_gene_tables(tmp: Path, rng, genes: dict[str, list[str]]):
     """Parquet inputs the constructor reads: gene locations and protein embeddings."""
     locs, embs = [], []
-    for org, ids in genes.items():
+    for ids in genes.values():
         # locus rank as in genelocs.ipynb: +100 per chromosome, +1 per distant gene
         steps = rng.choice([0, 1], size=len(ids), p=[0.3, 0.7])
         steps[rng.choice(len(ids), 20, replace=False)] = 100
@@ -309,12 +309,20 @@ def main(argv=None) -> dict:
     # Hyper-parameters are plain containers: a weights_only torch.load can read the file.
     torch.load(ckpt_path, map_location="cpu", weights_only=True)
 
-    model = scPRINT2.load_from_checkpoint(
-        ckpt_path, map_location="cpu", precpt_gene_emb=None, gene_pos_file=None,
-        weights_only=False,
-    ).eval().float()
-    assert model.pos_encoder is not None and model.pos_encoder.pe.shape == (
-        len(model.genes), 1, 64), "pos_encoder.pe not restored"
+    model = (
+        scPRINT2.load_from_checkpoint(
+            ckpt_path,
+            map_location="cpu",
+            precpt_gene_emb=None,
+            gene_pos_file=None,
+            weights_only=False,
+        )
+        .eval()
+        .float()
+    )
+    assert model.pos_encoder is not None and model.pos_encoder.pe.shape == (len(model.genes), 1, 64), (
+        "pos_encoder.pe not restored"
+    )
     loaded = model.state_dict()
     for key, value in built.state_dict().items():
         assert torch.equal(loaded[key], value), f"{key} differs after load_from_checkpoint"
@@ -329,9 +337,7 @@ def main(argv=None) -> dict:
         (HUMAN, human_counts, human_genes, 600),
         (MOUSE, mouse_counts, mouse_genes, 2000),
     ):
-        cells, inputs = build_inputs(
-            rng, vocab_index, counts, gene_ids, args.cells, args.tokens, args.knn, pool
-        )
+        cells, inputs = build_inputs(rng, vocab_index, counts, gene_ids, args.cells, args.tokens, args.knn, pool)
         inputs["cell_index"], inputs["organism"] = cells, np.array([org] * len(cells))
         parts.append(inputs)
     inputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

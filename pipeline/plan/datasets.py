@@ -1,37 +1,32 @@
-"""Planning: inputs -> datasets -> work units with global part ids.
+"""One dataset's plan: opened, its organism and gene mapping worked out, its metadata joined.
 
-The plan is a pure function of the inputs, the model's vocabulary and the data
-settings, so every process (any rank, any restart) computes the same units and
-the same part ids; "resume" is "plan again, skip what is done".
+Planning never raises past one dataset: a dataset that cannot be embedded is
+recorded as failed with a one-line error and the others go on.
 """
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.formats import SPARSE_VALUES_SUFFIXES, directory_format
-from pipeline.genes import organism_id, to_ensembl, vocabulary_columns
-from pipeline.readers import CountMatrix, DatasetError, open_counts
+from pipeline.io.formats import open_counts
+from pipeline.io.matrix import CountMatrix, DatasetError
+from pipeline.plan.genes import organism_id, to_ensembl, vocabulary_columns
 
 log = logging.getLogger(__name__)
 
-#: Files of an input directory that are datasets (besides zarr / 10x mtx sub-directories and sparse pairs).
-READABLE_SUFFIXES = (".h5ad", ".h5", ".hdf5")
-#: An input file with one of these suffixes is a catalog: a table with a ``path`` column, one dataset a row.
-CATALOG_SUFFIXES = (".csv", ".tsv")
-#: Optional catalog columns: per-dataset data settings, and the id recorded in ``datasets.parquet``.
-CATALOG_SETTINGS = ("organism", "counts", "metadata")
+
 #: Columns of a metadata table that may hold the cell ids, in order of preference (else its first column).
 METADATA_ID_COLUMNS = ("cell_id", "obs_name", "obs_names", "barcode", "barcodes", "cell")
-#: Columns ``_cells.parquet`` always has; metadata columns of the same name get a ``meta_`` prefix.
+
+
+#: Columns a part's cell table always has; metadata columns of the same name get a ``meta_`` prefix.
+#: Symbols as gene names: fewer matching a human or mouse gene than this fraction is a protein panel, not RNA.
+MIN_GENE_SYMBOL_FRACTION = 0.5
 CELL_COLUMNS = ("dataset", "row", "obs_name", "organism", "n_counts", "n_genes")
 
 
@@ -69,101 +64,6 @@ class DatasetPlan:
             "gene_source": self.gene_source, "n_genes": self.n_genes, "n_vocab_genes": self.n_vocab_genes,
             "vocab_coverage": self.vocab_coverage, "warnings": "; ".join(self.warnings),
         }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Unit:
-    """A block of rows of one dataset, written as one part."""
-
-    part: int
-    dataset: int
-    start: int
-    stop: int
-
-    @property
-    def n_cells(self) -> int:
-        return self.stop - self.start
-
-
-def resolve_inputs(spec) -> list[tuple[str, dict]]:
-    """Inputs -> one ``(path, settings)`` per dataset, in order (a dataset's id is its position).
-
-    ``spec`` is a dataset, a glob, a directory, a catalog, or a list of these:
-
-    - a dataset: a file, or a directory that is one (zarr store, 10x mtx);
-    - a directory: its datasets, sorted by name: ``.h5ad``/``.h5``/``.hdf5``
-      files, ``*_values.sparse(.npz)`` pairs, zarr and 10x mtx sub-directories;
-    - a catalog: a ``.csv``/``.tsv`` table with a ``path`` column, one dataset
-      a row; relative paths are relative to the catalog's folder. Optional
-      columns ``organism``, ``counts``, ``metadata`` override the run's data
-      settings for that row; ``dataset_id`` is recorded in ``datasets.parquet``.
-
-    ``settings`` holds the row's overrides (empty outside catalogs). Paths that
-    do not exist are kept: they become failed datasets with a clear error, so
-    one typo does not stop a long catalog.
-
-    Raises
-    ------
-    ValueError
-        A directory without datasets, a pattern matching nothing, a catalog
-        that is missing or has no ``path`` column.
-    """
-    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    inputs: list[tuple[str, dict]] = []
-    for item in map(str, items):
-        if os.path.isdir(item) and directory_format(item) is None:
-            found = _directory_datasets(item)
-            if not found:
-                raise ValueError(f"input directory {item} holds no dataset ({'/'.join(READABLE_SUFFIXES)} file, "
-                                 "_values.sparse pair, zarr or 10x mtx directory)")  # fmt: skip
-            inputs += [(path, {}) for path in found]
-        elif item.lower().endswith(CATALOG_SUFFIXES):
-            inputs += read_catalog(item)
-        elif glob.has_magic(item) and not os.path.exists(item):
-            found = sorted(glob.glob(item))
-            if not found:
-                raise ValueError(f"input pattern {item} matches no file")
-            inputs += [(path, {}) for path in found]
-        else:
-            inputs.append((item, {}))
-    return inputs
-
-
-def _directory_datasets(folder: str) -> list[str]:
-    found = []
-    for entry in sorted(Path(folder).iterdir()):
-        if entry.is_dir():
-            is_dataset = directory_format(str(entry)) is not None
-        else:
-            is_dataset = entry.suffix in READABLE_SUFFIXES or entry.name.endswith(SPARSE_VALUES_SUFFIXES)
-        if is_dataset:
-            found.append(str(entry))
-    return found
-
-
-def read_catalog(path: str) -> list[tuple[str, dict]]:
-    """The ``(path, settings)`` of each row of a catalog (see :func:`resolve_inputs`); other columns are ignored."""
-    if not os.path.isfile(path):
-        raise ValueError(f"catalog {path} does not exist")
-    try:
-        table = pd.read_csv(path, sep="\t" if path.lower().endswith(".tsv") else ",", dtype=str,
-                            keep_default_na=False, skipinitialspace=True)  # fmt: skip
-    except (OSError, ValueError) as err:
-        raise ValueError(f"catalog {path} cannot be read: {err}") from err
-    if "path" not in table.columns:
-        raise ValueError(f"catalog {path} has no 'path' column (its columns: {', '.join(table.columns)})")
-    folder = os.path.dirname(path)
-    inputs = []
-    for line, row in enumerate(table.to_dict("records"), start=2):
-        if not row["path"].strip():
-            raise ValueError(f"catalog {path} line {line}: empty path")
-        settings = {key: row[key].strip() for key in (*CATALOG_SETTINGS, "dataset_id") if row.get(key, "").strip()}
-        if "metadata" in settings:
-            settings["metadata"] = os.path.join(folder, settings["metadata"])
-        inputs.append((os.path.join(folder, row["path"].strip()), settings))
-    if not inputs:
-        raise ValueError(f"catalog {path} lists no dataset")
-    return inputs
 
 
 def cell_organisms(matrix: CountMatrix, default: str | None) -> np.ndarray:
@@ -209,6 +109,12 @@ def _map_genes(plan: DatasetPlan, matrix: CountMatrix, vocabulary: dict[str, lis
     known = [o for o in organisms if o]
     hint = organism_id(matrix.uns_organism) or default or (max(set(known), key=known.count) if known else None)
     ids = to_ensembl(matrix.var, organism=hint)
+    known = ids.ids != ""
+    if ids.source.startswith("symbols") and known.mean() < MIN_GENE_SYMBOL_FRACTION:
+        examples = ", ".join(matrix.var.index[~known][:3])
+        raise DatasetError(plan.path, f"looks like protein (antibody) names, not RNA: only {int(known.sum())} of its "
+                           f"{len(known)} columns are human or mouse gene symbols (not: {examples}); scPRINT-2 embeds "
+                           "gene expression")  # fmt: skip
     gene_organism = ids.organism or hint
     if not gene_organism:
         raise DatasetError(plan.path, "cannot tell the organism (no organism in obs/uns, gene ids are not "
@@ -244,7 +150,7 @@ def join_metadata(plan: DatasetPlan, obs_names: np.ndarray) -> dict[str, np.ndar
     The cell ids are the table's ``cell_id`` column (else ``obs_name``,
     ``barcode``, ``cell``..., else its first column) and must match the
     dataset's obs names. Cells without a row get empty (null) values, with a
-    warning. A column named like a ``_cells.parquet`` column gets a ``meta_``
+    warning. A column named like a column of a part's cell table gets a ``meta_``
     prefix.
 
     Raises
@@ -281,44 +187,3 @@ def _read_metadata_table(path: str) -> pd.DataFrame:
         return pd.read_csv(path, sep="\t" if path.lower().endswith(".tsv") else ",")
     except (OSError, ValueError) as err:
         raise DatasetError(path, f"cannot be read as a metadata table ({' '.join(str(err).split())})") from err
-
-
-def make_units(datasets: list[DatasetPlan], cells_per_unit: int, stored: list[Unit] = ()) -> list[Unit]:
-    """Cut every plannable dataset into row ranges of at most ``cells_per_unit`` cells.
-
-    Units already in ``stored`` (an earlier attempt's plan) keep their part ids;
-    datasets that had none (new inputs, or ones that failed to open before) get
-    new ids after the largest stored one. So part ids never change on resume.
-    """
-    by_dataset: dict[int, list[Unit]] = {}
-    for unit in stored:
-        by_dataset.setdefault(unit.dataset, []).append(unit)
-    next_part = max((u.part for u in stored), default=-1) + 1
-    units: list[Unit] = []
-    for ds in datasets:
-        if ds.status == "failed":
-            continue
-        if ds.dataset in by_dataset:
-            kept = sorted(by_dataset[ds.dataset], key=lambda u: u.start)
-            if kept[-1].stop != ds.n_cells:
-                raise ValueError(
-                    f"{ds.path}: now has {ds.n_cells} cells, but this atlas planned {kept[-1].stop}; "
-                    "the file changed since the first attempt: use a new out_dir"
-                )
-            units += kept
-            continue
-        for start in range(0, ds.n_cells, cells_per_unit):
-            units.append(Unit(next_part, ds.dataset, start, min(start + cells_per_unit, ds.n_cells)))
-            next_part += 1
-    return units
-
-
-def assign_units(units: list[Unit], world_size: int) -> list[list[Unit]]:
-    """Balance units over ranks by number of cells (largest first onto the least-loaded rank)."""
-    loads = [0] * world_size
-    ranks: list[list[Unit]] = [[] for _ in range(world_size)]
-    for unit in sorted(units, key=lambda u: (-u.n_cells, u.part)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        ranks[rank].append(unit)
-        loads[rank] += unit.n_cells
-    return [sorted(r, key=lambda u: u.part) for r in ranks]

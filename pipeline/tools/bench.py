@@ -19,20 +19,22 @@ from pathlib import Path
 
 import torch
 
+from configs import compose_predict
 from models import build_model
-from pipeline.data import UnitBatches, ensure_sparse_copy, neighbors_path, resolve_num_workers
-from pipeline.neighbors import neighbor_chunks, save_neighbors
-from pipeline.plan import Unit, plan_dataset
-from pipeline.predict import fast_fp32_matmul, fp32_matmul_precision, keep_freed_memory
+from pipeline import DATA_DIR
+from pipeline.atlas.state import load_state
+from pipeline.run.cpu import fast_fp32_matmul, fp32_matmul_precision, keep_freed_memory
+from pipeline.run.datamodule import resolve_num_workers
+from pipeline.run.predict import run_predict
+from pipeline.tools.inputs import plan_files, predict_config, prepare, whole_file_batches
 
-REPO_DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
-PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+REPO_DATA = Path(__file__).resolve().parents[2] / "tests" / "data"  # in a checkout
+PACKAGE_DATA = DATA_DIR
 TILE_SOURCE = "tenx_mouse_brain_e18_10000x1000.h5ad"
 DEMO = "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
 #: --precision -> autocast dtype of the timed forward (none: fp32), and the same for Lightning in end-to-end
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 TRAINER_PRECISION = {"bf16": "bf16-mixed", "16": "16-mixed", "32": "32-true"}
-PLAN_SETTINGS = {"counts": "auto", "organism": None, "min_gene_coverage": 0.0}
 # dense bf16 peak FLOP/s of common accelerators, for MFU (vendor figures, without sparsity)
 GPU_PEAK_BF16 = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
                  "L40S": 362e12, "A10": 125e12, "V100": 125e12}  # fmt: skip
@@ -50,20 +52,19 @@ def shared_datasets() -> list[Path]:
 def data_path(path: Path, model, max_len: int, batch_size: int, work_dir: Path, dataset: int = 0) -> dict:
     """Read + QC + gene mapping + neighbours + tokenization of every cell of one file, in this process."""
     config = model.config
-    plan = plan_dataset(dataset, str(path), config.genes, PLAN_SETTINGS)
-    if plan.status == "failed":
-        return {"dataset": path.name, "error": plan.error}
+    cfg = predict_config("tiny", [f"model.max_len={max_len}"])  # the data settings of every model, at this max_len
+    try:
+        (plan,) = plan_files([path], config.genes, cfg, first_id=dataset)
+    except ValueError as err:
+        return {"dataset": path.name, "error": str(err)}
     uses_neighbors = config.expr_emb_style == "metacell"
     t0 = time.perf_counter()
     if uses_neighbors:  # as the data module's setup does, once per dataset
-        ensure_sparse_copy(plan, work_dir)
-        save_neighbors(neighbors_path(work_dir, dataset), neighbor_chunks(plan.matrix))
+        prepare([plan], cfg, work_dir)
     t1 = time.perf_counter()
-    batches = UnitBatches(
-        [Unit(0, dataset, 0, plan.n_cells)], {dataset: plan}, vocabulary_offsets=config.organism_offsets,
-        max_len=max_len, batch_size=batch_size, min_counts=1, min_genes=1, seed=0,
-        neighbors_dir=work_dir / "neighbors" if uses_neighbors else None,
-    )  # fmt: skip
+    batches = whole_file_batches(
+        [plan], config.organism_offsets, cfg, work_dir if uses_neighbors else None, batch_size=batch_size
+    )
     seconds = []
     for _ in range(2):  # the first pass opens the dataset (and holds it, when small); the second is steady state
         start = time.perf_counter()
@@ -110,8 +111,10 @@ def in_fresh_process(call: str) -> dict:
     threads or allocator state. The dict comes back with the process's peak
     resident memory added (``peak_rss_mib``).
     """
-    code = ("import json, warnings; warnings.simplefilter('ignore'); from pathlib import Path; "
-            f"from pipeline import bench; r = {call}; r['peak_rss_mib'] = bench.peak_rss_mib(); print(json.dumps(r))")
+    code = (
+        "import json, warnings; warnings.simplefilter('ignore'); from pathlib import Path; "
+        f"from pipeline.tools import bench; r = {call}; r['peak_rss_mib'] = bench.peak_rss_mib(); print(json.dumps(r))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{call} failed:\n{proc.stderr[-2000:]}")
@@ -136,8 +139,10 @@ def peak_rss_mib() -> float:
 
 def streaming_peak_rss(path: Path, model_name: str, max_len: int, batch_size: int, work_dir: Path) -> dict:
     """Run :func:`data_path` on ``path`` in a fresh process and report its peak resident memory."""
-    return in_fresh_process(f"bench.data_path(Path({str(path)!r}), bench.build_model({model_name!r}), {max_len}, "
-                            f"{batch_size}, Path({str(work_dir)!r}))")
+    return in_fresh_process(
+        f"bench.data_path(Path({str(path)!r}), bench.build_model({model_name!r}), {max_len}, "
+        f"{batch_size}, Path({str(work_dir)!r}))"
+    )
 
 
 # ----------------------------------------------------------------------------- forward
@@ -160,7 +165,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     _sync(device)
     source = f"measured {n}x{n} {str(dtype).replace('torch.', '')} matmul"
     if device.type == "cpu" and dtype == torch.float32 and fp32_matmul_precision() == "bf16":
-        source += " on bf16 units"  # see pipeline.predict.fast_fp32_matmul
+        source += " on bf16 units"  # see pipeline.run.cpu.fast_fp32_matmul
     return 2 * n**3 * reps / (time.perf_counter() - t0), source
 
 
@@ -227,12 +232,6 @@ def end_to_end(path: Path, model_name: str, checkpoint: str | None, max_len: int
     the run (their mean is the comparison the pipeline is judged by: a shared
     machine's speed drifts between runs).
     """
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.atlas import load_state
-    from pipeline.cli import CONFIG_DIR
-    from pipeline.predict import run_predict
-
     keep_freed_memory()  # for the forward alone too, as predict's forward runs
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(model_name, checkpoint)
@@ -243,21 +242,18 @@ def end_to_end(path: Path, model_name: str, checkpoint: str | None, max_len: int
     overrides.append(f"trainer.precision={TRAINER_PRECISION[precision]}")  # as the forward timed below
     if checkpoint:
         overrides.append(f"model.checkpoint={checkpoint}")
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="predict", overrides=overrides)
+    cfg = compose_predict(overrides)
 
     # the run's neighbour graph (the run finds it and does not compute it again) and its batches, tokenized up front
-    plan = plan_dataset(0, str(path), model.config.genes, PLAN_SETTINGS)
+    (plan,) = plan_files([path], model.config.genes, cfg)
     uses_neighbors = model.config.expr_emb_style == "metacell"
     t0 = time.perf_counter()
     if uses_neighbors:
-        save_neighbors(neighbors_path(out, 0), neighbor_chunks(plan.matrix, cfg.data.n_neighbors, seed=cfg.seed))
+        prepare([plan], cfg, out)
     graph_seconds = time.perf_counter() - t0
-    batches = UnitBatches(
-        [Unit(0, 0, 0, plan.n_cells)], {0: plan}, vocabulary_offsets=model.config.organism_offsets, max_len=max_len,
-        batch_size=batch_size, min_counts=cfg.data.min_counts, min_genes=cfg.data.min_genes, seed=cfg.seed,
-        neighbors_dir=out / "neighbors" if uses_neighbors else None,
-    )  # fmt: skip
+    batches = whole_file_batches(
+        [plan], model.config.organism_offsets, cfg, out if uses_neighbors else None, batch_size=batch_size
+    )
     inputs = []
     for i in range(len(batches)):
         batch = batches[i]
@@ -352,13 +348,15 @@ def main(argv: list[str]) -> int:
         report["forward"].append(row)
     print("[4/4] end-to-end predict")
     # the 10,000-cell file of a checkout, else the bundled demo (600 cells: start-up weighs more)
-    e2e_input = next(p for p in (REPO_DATA / TILE_SOURCE, PACKAGE_DATA / TILE_SOURCE, PACKAGE_DATA / DEMO) if p.is_file())
+    e2e_input = next(
+        p for p in (REPO_DATA / TILE_SOURCE, PACKAGE_DATA / TILE_SOURCE, PACKAGE_DATA / DEMO) if p.is_file()
+    )
     report["end_to_end"] = in_fresh_process(
         f"bench.end_to_end(Path({str(e2e_input)!r}), {args.model!r}, {args.checkpoint!r}, {max_len}, "
         f"{args.batch_size}, {args.workers!r}, {precision!r}, Path({str(work_dir)!r}))"
     )
     if args.compare_upstream:
-        from pipeline.bench_upstream import compare_upstream
+        from pipeline.tools.bench_upstream import compare_upstream
 
         report["upstream"] = compare_upstream(work_dir=work_dir / "upstream")
     Path(args.json).write_text(json.dumps(report, indent=1, default=float))
@@ -368,11 +366,7 @@ def main(argv: list[str]) -> int:
 
 
 def _preset_max_len(name: str) -> int:
-    import yaml
-
-    from pipeline.cli import CONFIG_DIR
-
-    return int(yaml.safe_load((Path(CONFIG_DIR) / "model" / f"{name}.yaml").read_text())["max_len"])
+    return int(predict_config(name).model.max_len)
 
 
 def _machine(device: torch.device) -> dict:
@@ -390,9 +384,11 @@ def print_report(report: dict) -> None:
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes: whole names, no wrapping
-    table = Table(title="data path, one worker (kNN graph, and a large dense file's sparse copy: once per dataset, "
-                        "before; data path: read + QC + genes + "
-                        "neighbour counts + tokens, what each DataLoader worker does)")
+    table = Table(
+        title="data path, one worker (kNN graph, and a large dense file's sparse copy: once per dataset, "
+        "before; data path: read + QC + genes + "
+        "neighbour counts + tokens, what each DataLoader worker does)"
+    )
     for col in ("dataset", "cells", "kNN graph s", "data path cells/s", "2nd pass cells/s", "incl. kNN graph cells/s"):
         table.add_column(col, justify="right")
     for r in report["data_path"]:

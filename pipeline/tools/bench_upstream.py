@@ -4,7 +4,7 @@ Both run in the same run, at the same shape, with the same weights (a checkpoint
 written by upstream ``scprint2`` and loaded by :func:`models.load_checkpoint`), on
 the same inputs (real cells tokenized by the pipeline) and with the same number
 of CPU threads. Upstream runs in its own virtual environment
-(``tests/upstream/install.sh``) through ``pipeline/upstream_forward.py``; its
+(``tests/upstream/install.sh``) through ``pipeline/tools/upstream_forward.py``; its
 outputs with attention dropout 0 must equal ours, so both do the same work.
 """
 
@@ -24,13 +24,12 @@ import torch
 
 from models import load_checkpoint
 from models.presets import demo_vocabulary
-from pipeline.data import UnitBatches, neighbors_path
-from pipeline.neighbors import neighbor_chunks, save_neighbors
-from pipeline.plan import Unit, plan_dataset
-from pipeline.predict import fast_fp32_matmul, keep_freed_memory
-from pipeline.upstream_forward import SMALL_SHAPE
+from pipeline import DATA_DIR
+from pipeline.run.cpu import fast_fp32_matmul, keep_freed_memory
+from pipeline.tools.inputs import plan_files, predict_config, prepare, whole_file_batches
+from pipeline.tools.upstream_forward import SMALL_SHAPE
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the checkout: upstream is installed under its .cache/
 UPSTREAM_VENV = REPO / ".cache" / "upstream-venv"
 INSTALL_SCRIPT = REPO / "tests" / "upstream" / "install.sh"
 UPSTREAM_SCRIPT = Path(__file__).with_name("upstream_forward.py")
@@ -39,7 +38,7 @@ HUMAN = "NCBITaxon:9606"
 # Human cells to tokenize, first found wins: a near-full transcriptome (tests/data), else the bundled demo.
 INPUT_DATASETS = (
     REPO / "tests" / "data" / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad",
-    Path(__file__).resolve().parent / "data" / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad",
+    DATA_DIR / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad",
 )
 ATOL = 1e-4  # fp32: both sides do the same math in a different order
 
@@ -75,14 +74,10 @@ def real_inputs(genes: list[str], max_len: int, batch_size: int, work_dir: Path)
     knn_dists, depth) and the dataset's file name.
     """
     path = next(p for p in INPUT_DATASETS if p.is_file())
-    plan = plan_dataset(0, str(path), {HUMAN: genes}, {"counts": "auto", "organism": None, "min_gene_coverage": 0.0})
-    if plan.status == "failed":
-        raise RuntimeError(plan.error)
-    save_neighbors(neighbors_path(work_dir, 0), neighbor_chunks(plan.matrix))
-    batches = UnitBatches(
-        [Unit(0, 0, 0, plan.n_cells)], {0: plan}, vocabulary_offsets={HUMAN: 0}, max_len=max_len,
-        batch_size=batch_size, min_counts=1, min_genes=1, seed=0, neighbors_dir=work_dir / "neighbors",
-    )  # fmt: skip
+    cfg = predict_config("tiny", [f"model.max_len={max_len}"])  # the data settings of a predict run
+    plans = plan_files([path], {HUMAN: genes}, cfg)
+    prepare(plans, cfg, work_dir)
+    batches = whole_file_batches(plans, {HUMAN: 0}, cfg, work_dir, batch_size=batch_size)
     batch = batches[0]
     if batch["error"]:
         raise RuntimeError(batch["error"])
@@ -177,9 +172,9 @@ def compare_upstream(
       ``cells_per_s_upstream_shipped`` (its shipped attention dropout, applied in
       eval: stochastic outputs, ``upstream_shipped_max_abs_diff`` away);
     - ``fp32_matmul``: the fp32 matmul precision ours ran with (``bf16`` where
-      :func:`pipeline.predict.fast_fp32_matmul` found bf16 units as exact and faster, else ``ieee``);
+      :func:`pipeline.run.cpu.fast_fp32_matmul` found bf16 units as exact and faster, else ``ieee``);
     - ``cells_per_s_upstream_our_settings``: upstream (dropout 0) again, with the process settings ours
-      runs with (:func:`pipeline.predict.keep_freed_memory` and that fp32 matmul precision), and
+      runs with (:func:`pipeline.run.cpu.keep_freed_memory` and that fp32 matmul precision), and
       ``upstream_our_settings_max_abs_diff``, how far that moved upstream's outputs;
     - ``ratio`` = ours / upstream, ``ratio_one_forward``, ``ratio_shipped`` (ours / upstream as shipped),
       ``ratio_our_settings`` (ours / upstream with the same process settings);

@@ -327,8 +327,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fp32-matmul", choices=["ieee", "bf16"], default="ieee",
-                        help="torch.backends.mkldnn.matmul.fp32_precision for the run with scprint-atlas's settings")
+    parser.add_argument(
+        "--fp32-matmul",
+        choices=["ieee", "bf16"],
+        default="ieee",
+        help="torch.backends.mkldnn.matmul.fp32_precision for the run with scprint-atlas's settings",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.shape) - set(SMALL_SHAPE)
     if unknown:

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from pipeline.manifest import atomic_write, memmap_npz
+from pipeline.io.files import atomic_write, memmap_npz
 
 log = logging.getLogger(__name__)
 
@@ -42,72 +42,23 @@ GRAPH_CHUNK_CELLS = 1_000_000
 DISTANCE_BLOCK_VALUES = 16_000_000
 
 
-def compute_neighbors(matrix, n_neighbors=6, block_size=10_000, seed=0):
-    """The K nearest other cells of every cell of a dataset.
-
-    Parameters
-    ----------
-    matrix : pipeline.readers.CountMatrix
-        The dataset's raw counts.
-    n_neighbors : int
-        K, neighbours per cell.
-    block_size : int
-        Rows read at a time.
-    seed : int
-        Seed of the approximate search (datasets above ``EXACT_KNN_MAX_CELLS``).
-
-    Returns
-    -------
-    indices : np.ndarray
-        int64 ``[n_cells, K]``: rows of the same dataset, nearest first, never
-        the cell itself. Slots beyond ``n_cells - 1`` (datasets of at most K
-        cells) hold -1: callers give those neighbours zero counts.
-    distances : np.ndarray
-        float32 ``[n_cells, K]``: euclidean distances in PCA space, ascending;
-        0 in the -1 slots.
-
-    Notes
-    -----
-    Upstream (scdataloader's Preprocessor, then ``sc.pp.neighbors``) computes
-    ``log1p(normalize_total(counts, 1e4))``, a PCA of 50 components (``n_cells
-    // 20`` for at most 1000 cells), a 15-neighbour graph, and keeps the 6
-    nearest non-zero distances. Here, to bound memory whatever the dataset
-    size (see :func:`neighbor_chunks` and :func:`save_neighbors`):
-
-    - three streamed passes: per-gene variance of the log-normalised counts;
-      covariance of the ``N_VARIABLE_GENES`` (2000) most variable genes; their
-      projection. The PCA is exact on those genes, where upstream uses every
-      gene (sparse top-variance genes carry little of the leading components).
-    - at least 2 components (upstream's ``n_cells // 20`` is 0 below 20 cells).
-    - datasets above ``GRAPH_CHUNK_CELLS`` (1M) cells are searched in
-      consecutive row chunks of that size: a cell's neighbours are in its chunk.
-    - exact kNN up to ``EXACT_KNN_MAX_CELLS`` cells; beyond, an inverted-list
-      search (k-means lists of about ``CELLS_PER_LIST`` cells from a
-      ``seed``-ed sample; each cell compared exactly with the cells of its
-      ``N_PROBE`` nearest lists), where upstream uses scanpy's (umap's)
-      nndescent. Its working memory is a few lists, not the dataset.
-    - distances are recomputed exactly for the kept pairs, and ties broken by
-      row index, so the result is the same on every call and machine.
-    - cells with identical profiles (e.g. several all-zero cells) are
-      neighbours at distance 0; upstream's sparse graph cannot store a zero
-      distance and skips them.
-    - every cell takes part, also those that QC drops later (upstream drops
-      cells with fewer than 200 genes first), so a neighbour may be a dropped
-      cell; its counts are real.
-
-    Upstream's eval-time randomness does not touch this step.
-    """
-    chunks = list(neighbor_chunks(matrix, n_neighbors, block_size, seed))
-    return np.concatenate([c[1] for c in chunks]), np.concatenate([c[2] for c in chunks])
-
-
 def neighbor_chunks(matrix, n_neighbors=6, block_size=10_000, seed=0):
-    """:func:`compute_neighbors` in row chunks of at most ``GRAPH_CHUNK_CELLS``: yields ``(start, indices, distances)``.
+    """The K nearest other cells of every cell of a dataset, in row chunks: yields ``(start, indices, distances)``.
 
-    The PCA axes come from every cell; the neighbours of a chunk's cells are
-    searched among that chunk's cells, so memory is bounded by the chunk,
-    whatever the dataset size (datasets up to ``GRAPH_CHUNK_CELLS`` cells are
-    one chunk).
+    ``indices`` (int64 ``[n, K]``) are rows of the same dataset, nearest first,
+    never the cell itself; slots beyond the chunk's size hold -1 (callers give
+    those neighbours zero counts). ``distances`` (float32) are euclidean in PCA
+    space, ascending, 0 in the -1 slots.
+
+    As upstream (scDataLoader's preprocessing, then ``sc.pp.neighbors``): a PCA
+    of ``log1p(normalize_total(counts, 1e4))``, 50 components (``n_cells // 20``
+    up to 1000 cells). Unlike it, so that memory is bounded and the result is
+    the same on every call and machine: the PCA uses the ``N_VARIABLE_GENES``
+    most variable genes (streamed passes, axes from every cell); neighbours are
+    searched within chunks of ``GRAPH_CHUNK_CELLS`` rows, exactly up to
+    ``EXACT_KNN_MAX_CELLS`` cells and by a seeded inverted-list search above;
+    distances are recomputed exactly and ties broken by row; identical cells
+    are neighbours at distance 0; every cell takes part, QC comes later.
     """
     n_cells = matrix.n_cells
     pca = fit_pca(matrix, block_size) if n_cells > 1 else None
@@ -122,26 +73,6 @@ def neighbor_chunks(matrix, n_neighbors=6, block_size=10_000, seed=0):
             indices[:, :n_real] = found + start
             del coordinates
         yield start, indices, distances
-
-
-def pca_coordinates(matrix, block_size=10_000):
-    """PCA coordinates of every cell, computed from streamed row blocks.
-
-    Parameters
-    ----------
-    matrix : pipeline.readers.CountMatrix
-        The dataset's raw counts.
-    block_size : int
-        Rows read at a time.
-
-    Returns
-    -------
-    np.ndarray
-        float32 ``[n_cells, n_components]``: log1p(normalised counts) of the
-        most variable genes, centred and projected on their principal axes,
-        largest variance first (see :func:`fit_pca`).
-    """
-    return project(matrix, fit_pca(matrix, block_size), 0, matrix.n_cells, block_size)
 
 
 def fit_pca(matrix, block_size=10_000):

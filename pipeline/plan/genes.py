@@ -6,19 +6,20 @@ package, MIT) map Ensembl gene IDs to symbols for human and mouse.
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
+from functools import cache
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pipeline import DATA_DIR
+
 #: Organisms with a gene table: NCBITaxon id -> short name.
 ORGANISMS = {"NCBITaxon:9606": "human", "NCBITaxon:10090": "mouse"}
 
 GENE_TABLE_FILES = {
-    "NCBITaxon:9606": Path(__file__).parent / "data" / "genes_homo_sapiens.csv.gz",
-    "NCBITaxon:10090": Path(__file__).parent / "data" / "genes_mus_musculus.csv.gz",
+    "NCBITaxon:9606": DATA_DIR / "genes_homo_sapiens.csv.gz",
+    "NCBITaxon:10090": DATA_DIR / "genes_mus_musculus.csv.gz",
 }
 
 # Ensembl gene-ID prefix -> organism
@@ -105,7 +106,7 @@ def organism_id(value):
     raise ValueError(f"unknown organism {text!r}: give an NCBITaxon id (e.g. NCBITaxon:9606) or human/mouse")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _read_gene_table(taxon):
     table = pd.read_csv(
         GENE_TABLE_FILES[taxon],
@@ -144,7 +145,7 @@ def gene_table(organism):
     return _read_gene_table(taxon)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _symbol_lookups(taxon):
     """Symbol -> Ensembl ID, exact and upper-cased, preferring protein-coding then the lowest ID."""
     table = gene_table(taxon)
@@ -260,7 +261,11 @@ def to_ensembl(var, organism=None):
             return _no_symbol_ids(len(var_names), f"symbols matching no gene table clearly (exact: {matches})")
         taxon = first
     source, ids, n_known = max(
-        ((source, ids, int(np.sum(ids != ""))) for (source, table_taxon), (ids, _) in mapped.items() if table_taxon == taxon),
+        (
+            (source, ids, int(np.sum(ids != "")))
+            for (source, table_taxon), (ids, _) in mapped.items()
+            if table_taxon == taxon
+        ),
         key=lambda candidate: candidate[2],
     )
     return GeneIds(

@@ -12,8 +12,9 @@ the classes these files really label: cell type and organism.
 
 Everything the model sees comes from the pipeline's own code, exactly as
 ``scatlas predict`` prepares it: the readers and gene mapping of
-:mod:`pipeline.plan`, the neighbour graph of :mod:`pipeline.neighbors` and the
-tokens of :class:`pipeline.data.UnitBatches` (``max_len`` 256, 6 neighbours).
+:mod:`pipeline.plan`, the neighbour graph of :mod:`pipeline.tokens.neighbors` and the
+tokens of :class:`pipeline.tokens.batches.UnitBatches`, with the settings of
+``scatlas predict model=tiny`` (``max_len`` 256, 6 neighbours).
 The two files get dataset ids 0 (human) and 1 (mouse), as in
 ``scatlas predict 'input=[<human>,<mouse>]'``, so held-out cells get the very
 tokens at evaluation that a predict run gives them (``seed=0``). Each training
@@ -46,7 +47,6 @@ import logging
 import sys
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -55,52 +55,65 @@ import torch
 import torch.nn.functional as F
 
 from models import load_checkpoint, random_model, save_checkpoint
-from models.checkpoint import file_sha256
 from models.network import ScPrint2Config
 from models.presets import DEMO_CHECKPOINT, PRESETS, demo_vocabulary
-from pipeline.atlas import load_state, read_part
-from pipeline.data import UnitBatches, neighbors_path
-from pipeline.neighbors import neighbor_chunks, save_neighbors
-from pipeline.plan import Unit, plan_dataset
+from pipeline.analysis.heldout import CELL_TYPE, ORGANISM, accuracy, cell_type_table, describe
+from pipeline.atlas.manifest import column_blocks
+from pipeline.io.files import file_sha256
+from pipeline.tools.inputs import plan_files, predict_config, prepare, whole_file_batches
 
 log = logging.getLogger(__name__)
 
+
 DATA = Path(__file__).parent / "data"
+
+
 #: Training files, in dataset-id order.
 TRAINING_FILES = [
     DATA / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad",
     DATA / "neurips2021_mouse_spleen_lymphnode_cite_rna_340x992.h5ad",
 ]
-CELL_TYPE, ORGANISM = "cell_type_ontology_term_id", "organism_ontology_term_id"
-#: Settings that must be those of ``scatlas predict model=tiny`` (configs/model/tiny.yaml, configs/data/default.yaml).
-PREDICT_SETTINGS = {"max_len": 256, "n_neighbors": 6, "min_counts": 1, "min_genes": 10, "seed": 0,
-                    "counts": "auto", "organism": None, "min_gene_coverage": 0.002}  # fmt: skip
+
+
 HELD_OUT_FRACTION = 0.2
+
+
 SPLIT_SEED = 0
+
+
 WEIGHT_SEED = 0
+
+
 EPOCHS = 60
+
+
 BATCH_SIZE = 32
+
+
 LEARNING_RATE = 3e-3
+
+
 #: The gene embedding learns faster: each gene's row is updated only by the batches that hold it.
 GENE_EMBEDDING_LEARNING_RATE = 3e-2
+
+
 WEIGHT_DECAY = 0.01
+
+
 GRADIENT_CLIP = 1.0
+
+
 STEM = "tiny-demo"
+#: The predict config the demo model is trained for: its cells are prepared with these data settings.
+PREDICT = predict_config("tiny")
 
 
-# ----------------------------------------------------------------------------- labels and split
-
-
-def cell_type_table() -> pd.DataFrame:
-    """The reviewed map of the files' cell-type names to Cell Ontology terms (``models/data/demo_cell_types.csv``).
-
-    Column ``term`` is the label the model learns: the CL id, or the original
-    name where the table gives no CL id.
-    """
-    with resources.files("models").joinpath("data/demo_cell_types.csv").open("r") as fh:
-        table = pd.read_csv(fh, keep_default_na=False)
-    table["term"] = table.cl_id.where(table.cl_id != "", table.dataset_label)
-    return table
+def predict_settings() -> dict:
+    """The settings of :data:`PREDICT` that shape what the model sees, as recorded in the metrics file."""
+    data = PREDICT.data
+    return {"max_len": int(PREDICT.model.max_len), "n_neighbors": int(data.n_neighbors), "min_counts": int(data.min_counts),
+            "min_genes": int(data.min_genes), "seed": int(PREDICT.seed), "counts": str(data.counts),
+            "organism": data.organism, "min_gene_coverage": float(data.min_gene_coverage)}  # fmt: skip
 
 
 def labelled_cells(plans) -> pd.DataFrame:
@@ -154,29 +167,21 @@ def demo_config(cell_types: list[str], organisms: list[str]) -> ScPrint2Config:
 
 
 def plan_training_files(config: ScPrint2Config, work_dir: Path) -> list:
-    """Plan the training files as ``scatlas predict`` does, and store their neighbour graphs under ``work_dir``."""
-    plans = [plan_dataset(i, str(path), config.genes, PREDICT_SETTINGS) for i, path in enumerate(TRAINING_FILES)]
-    for plan in plans:
-        if plan.status == "failed":
-            raise ValueError(plan.error)
-        chunks = neighbor_chunks(plan.matrix, n_neighbors=PREDICT_SETTINGS["n_neighbors"],
-                                 seed=PREDICT_SETTINGS["seed"])  # fmt: skip
-        save_neighbors(neighbors_path(work_dir, plan.dataset), chunks)
+    """Plan the training files as ``scatlas predict model=tiny`` does, and store their neighbour graphs under ``work_dir``."""
+    plans = plan_files(TRAINING_FILES, config.genes, PREDICT)
+    prepare(plans, PREDICT, work_dir)
     return plans
 
 
 def model_inputs(plans, config: ScPrint2Config, work_dir: Path, seed: int) -> dict:
-    """Tokens of every cell that passes QC, through :class:`pipeline.data.UnitBatches` with gene-sampling ``seed``.
+    """Tokens of every cell that passes QC, as ``scatlas predict`` tokenizes them, with gene-sampling ``seed``.
 
     Returns ``dataset`` and ``row`` (numpy) and the ``genes``, ``counts``,
     ``knn_counts``, ``knn_dists`` tensors, cells in dataset then row order.
     """
-    batches = UnitBatches(
-        [Unit(p.dataset, p.dataset, 0, p.n_cells) for p in plans], {p.dataset: p for p in plans},
-        vocabulary_offsets=config.organism_offsets, max_len=PREDICT_SETTINGS["max_len"],
-        batch_size=max(p.n_cells for p in plans), min_counts=PREDICT_SETTINGS["min_counts"],
-        min_genes=PREDICT_SETTINGS["min_genes"], seed=seed, neighbors_dir=work_dir / "neighbors",
-    )  # fmt: skip
+    batches = whole_file_batches(
+        plans, config.organism_offsets, PREDICT, work_dir, batch_size=max(p.n_cells for p in plans), seed=seed
+    )
     items = [batches[i] for i in range(len(batches))]
     for item in items:
         if item["error"]:
@@ -252,43 +257,17 @@ def train(model, plans, cells: pd.DataFrame, train_mask: np.ndarray, work_dir: P
     return losses
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-def accuracy(cells: pd.DataFrame, top: dict[str, np.ndarray], decoders: dict[str, dict[int, str]]) -> dict:
-    """Top-1 / top-3 cell-type and top-1 organism accuracy, each beside its chance level.
-
-    ``top`` holds each class's predicted label codes ([n, k], best first) for
-    the rows of ``cells``, whose columns hold the true terms. The chance level
-    ``<metric>_chance`` is the accuracy of the best constant answer: the k
-    most frequent true labels of these cells.
-    """
-    result = {"n_cells": len(cells)}
-    for name, short, ks in ((CELL_TYPE, "cell_type", (1, 3)), (ORGANISM, "organism", (1,))):
-        truth = cells[name].to_numpy()
-        predicted = np.array([[decoders[name][int(code)] for code in row] for row in top[name]], dtype=object)
-        hits = predicted.reshape(len(truth), -1) == truth[:, None]
-        counts = cells[name].value_counts().to_numpy()
-        for k in ks:
-            result[f"{short}_top{k}"] = float(hits[:, :k].any(1).mean()) if len(truth) else float("nan")
-            result[f"{short}_top{k}_chance"] = float(counts[:k].sum() / len(truth)) if len(truth) else float("nan")
-    return result
-
-
 def predict_top(model, inputs: dict) -> dict[str, np.ndarray]:
     """Top label codes per class, as ``scatlas predict`` writes them."""
     with torch.no_grad():
         out = model.predict(*(inputs[k] for k in ("genes", "counts", "knn_counts", "knn_dists")))
-    top, col = {}, 0
-    for name, k in model.config.topk.items():
-        top[name] = out["top_ids"][:, col : col + k].numpy()
-        col += k
-    return top
+    _, classes = column_blocks(model.config)
+    return {c["name"]: out["top_ids"][:, c["start"] : c["start"] + c["k"]].numpy() for c in classes}
 
 
 def evaluate(model, plans, cells: pd.DataFrame, held_out: np.ndarray, work_dir: Path) -> dict:
     """Metrics of ``model`` on the held-out cells, with the tokens of a ``scatlas predict`` run (seed 0)."""
-    inputs = model_inputs(plans, model.config, work_dir, seed=PREDICT_SETTINGS["seed"])
+    inputs = model_inputs(plans, model.config, work_dir, seed=int(PREDICT.seed))
     index = cell_index(cells, inputs)
     top = predict_top(model, inputs)
     keep = held_out[index]
@@ -343,60 +322,11 @@ def train_demo(out_dir: Path) -> dict:
             "gene_embedding_learning_rate": GENE_EMBEDDING_LEARNING_RATE, "weight_decay": WEIGHT_DECAY,
             "gradient_clip": GRADIENT_CLIP, "held_out_fraction": HELD_OUT_FRACTION,
             "split_seed": SPLIT_SEED, "weight_seed": WEIGHT_SEED, "loss_per_epoch": [round(x, 5) for x in losses],
-            "predict_settings": PREDICT_SETTINGS, "torch": torch.__version__,
+            "predict_settings": predict_settings(), "torch": torch.__version__,
         },
     }  # fmt: skip
     (out_dir / f"{STEM}.metrics.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
-
-
-def describe(metrics: dict) -> str:
-    """One line: held-out accuracies beside their chance levels."""
-    return (
-        f"cell type top-1 {metrics['cell_type_top1']:.1%} (chance {metrics['cell_type_top1_chance']:.1%}), "
-        f"top-3 {metrics['cell_type_top3']:.1%} (chance {metrics['cell_type_top3_chance']:.1%}); "
-        f"organism {metrics['organism_top1']:.1%} (chance {metrics['organism_top1_chance']:.1%})"
-    )
-
-
-def heldout_report(out_dir: Path, run: int) -> list[str]:
-    """What ``scatlas predict`` adds to its summary for a checkpoint made by this script.
-
-    Empty unless the atlas's checkpoint has its held-out split
-    (``<name>.heldout.csv``) next to it and the atlas embedded cells of those
-    files. Otherwise: the most frequent predicted cell types of those files'
-    cells, and the accuracy on their held-out cells, which training never saw.
-    """
-    state = load_state(out_dir, run)
-    checkpoint = state.description["model"].get("checkpoint")
-    split_path = Path(checkpoint).with_suffix(".heldout.csv") if checkpoint else None
-    classes = {c["name"]: c for c in state.description["classes"]}
-    if split_path is None or not split_path.is_file() or not {CELL_TYPE, ORGANISM} <= set(classes):
-        return []
-    split = pd.read_csv(split_path, keep_default_na=False)
-    files = {row.dataset: Path(row.path).name for row in state.datasets.itertuples()}
-    files = {dataset: name for dataset, name in files.items() if name in set(split.file)}
-    parts = [read_part(out_dir, record) for record in state.done.values() if record["dataset"] in files]
-    if not parts:
-        return []
-    cells = pd.concat([p["cells"] for p in parts], ignore_index=True)
-    top3 = np.concatenate([p["top3"] for p in parts])
-    top = {c: top3[:, classes[c]["start"] : classes[c]["start"] + classes[c]["k"]] for c in (CELL_TYPE, ORGANISM)}
-    decoders = {c: {int(code): term for code, term in state.description["labels"][c].items()} for c in top}
-    table = cell_type_table()
-    names = dict(zip(table.term, table.cl_name.where(table.cl_name != "", table.term)))
-    predicted = pd.Series([decoders[CELL_TYPE][int(code)] for code in top[CELL_TYPE][:, 0]]).value_counts()
-    lines = [
-        f"most predicted cell types ({len(cells)} cells): "
-        + ", ".join(f"{names.get(term, term)} {n}" for term, n in predicted.head(6).items())
-    ]
-    cells["file"] = cells.dataset.map(files)
-    cells["position"] = np.arange(len(cells))
-    test = cells.merge(split, on=["file", "row", "obs_name"])
-    if len(test):
-        metrics = accuracy(test, {c: v[test.position.to_numpy()] for c, v in top.items()}, decoders)
-        lines.append(f"held-out cells ({len(test)}, not used in training; {split_path.name}): {describe(metrics)}")
-    return lines
 
 
 def main(argv: list[str]) -> int:

@@ -1,47 +1,60 @@
-"""The Lightning data module: this rank's work units -> ready-to-run model batches.
+"""A rank's work units -> model batches: read, QC'd, mapped to the vocabulary and tokenized.
 
-Each item of the dataset is one batch: ``batch_size`` consecutive rows of one
-unit, read from the source, QC'd, mapped to the vocabulary and tokenized in the
-DataLoader worker (vectorised, no per-cell Python loop). Dropped cells travel
-with the batch so the writer can list them.
+Each item of :class:`UnitBatches` is one batch: ``batch_size`` consecutive rows
+of one unit, tokenized in a DataLoader worker (vectorised, no per-cell Python
+loop). Dropped cells travel with the batch so the writer can list them.
+:func:`prepare_dataset` is what a dataset needs first when the model uses
+neighbours; paths are given by the caller, which owns the atlas layout.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import h5py
-import lightning as L
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from pipeline.genes import to_vocabulary
-from pipeline.manifest import atomic_write, done_parts, mark_failed
-from pipeline.neighbors import load_neighbors, neighbor_chunks, save_neighbors
-from pipeline.plan import DatasetPlan, Unit, assign_units
-from pipeline.readers import DatasetError
-from pipeline.tokens import cell_keys, lookup, qc_reasons, select_genes
+from pipeline.io.files import atomic_write
+from pipeline.io.matrix import DatasetError
+from pipeline.plan.datasets import DatasetPlan
+from pipeline.plan.genes import to_vocabulary
+from pipeline.plan.units import Unit
+from pipeline.tokens.neighbors import load_neighbors, neighbor_chunks, save_neighbors
+from pipeline.tokens.select import cell_keys, lookup, qc_reasons, select_genes
 
 log = logging.getLogger(__name__)
+
+
 # a worker holds a dataset's vocabulary counts in memory when it stores at most this many values (~128 MiB)
 HELD_VALUES = 16_000_000
+
+
 HELD_BLOCK_ROWS = 4096
 
 
-def neighbors_path(out_dir, dataset: int) -> Path:
-    return Path(out_dir) / "neighbors" / f"dataset_{dataset}.npz"
+def prepare_dataset(ds: DatasetPlan, neighbors_file: Path, sparse_copy_file: Path, n_neighbors: int, seed: int) -> None:
+    """Make a dataset ready for a metacell model: its counts read from a sparse copy when large and dense
+    (:func:`ensure_sparse_copy`), and its kNN graph in ``neighbors_file``, computed unless a graph of its
+    cells is stored there already.
+    """
+    ensure_sparse_copy(ds, sparse_copy_file)
+    try:
+        if len(load_neighbors(neighbors_file)[0]) == ds.n_cells:
+            return
+    except (OSError, ValueError):  # none yet, or an unreadable one (an older format): computed again
+        pass
+    log.info("%s: computing the %d-nearest-neighbour graph of %d cells", ds.path, n_neighbors, ds.n_cells)
+    save_neighbors(neighbors_file, neighbor_chunks(ds.matrix, n_neighbors=n_neighbors, seed=seed))
 
 
-def sparse_copy_path(out_dir, dataset: int) -> Path:
-    return Path(out_dir) / "neighbors" / f"dataset_{dataset}.counts.h5"
-
-
-def ensure_sparse_copy(ds: DatasetPlan, out_dir) -> bool:
-    """Read a large dense dataset from a CSR copy of its counts under ``out_dir/neighbors/``; write it if missing.
+def ensure_sparse_copy(ds: DatasetPlan, path: Path) -> bool:
+    """Read a large dense dataset from a CSR copy of its counts at ``path``; write the copy if missing.
 
     A dense matrix (or one whose stored values are unknown) of more than
     ``HELD_VALUES`` values is copied once, block by block, with the checks of
@@ -55,7 +68,6 @@ def ensure_sparse_copy(ds: DatasetPlan, out_dir) -> bool:
     matrix = ds.matrix
     if matrix.n_stored <= HELD_VALUES or matrix.n_stored < ds.n_cells * ds.n_genes:
         return False  # small enough to hold, or already sparse
-    path = sparse_copy_path(out_dir, ds.dataset)
     source = os.stat(ds.path)
     made_from = [source.st_size, source.st_mtime_ns]
     try:
@@ -110,13 +122,13 @@ class UnitBatches(Dataset):
         min_counts: int,
         min_genes: int,
         seed: int,
-        neighbors_dir: Path | None,
+        neighbor_files: Mapping[int, Path] | None,
     ):
         self.datasets = datasets
         self.offsets = vocabulary_offsets
         self.max_len, self.seed = max_len, seed
         self.min_counts, self.min_genes = min_counts, min_genes
-        self.neighbors_dir = neighbors_dir
+        self.neighbor_files = neighbor_files  # dataset -> its kNN graph; None: the model uses no neighbours
         self.items = []  # (unit, start, stop, last)
         for unit in units:
             for start in range(unit.start, unit.stop, batch_size):
@@ -174,7 +186,7 @@ class UnitBatches(Dataset):
             out["counts"] = torch.zeros(0, length)
             return out
         keys = cell_keys(self.seed, dataset, cells["row"])
-        if self.neighbors_dir is None:
+        if self.neighbor_files is None:
             genes = select_genes(vocab, keys, self.max_len)
         else:
             knn_vocab, knn_rows, dists = self._neighbor_counts(ds, cells["row"])
@@ -199,7 +211,7 @@ class UnitBatches(Dataset):
         at an all-zero last row.
         """
         if self._neighbors[0] != ds.dataset:
-            self._neighbors = (ds.dataset, load_neighbors(neighbors_path(self.neighbors_dir.parent, ds.dataset)))
+            self._neighbors = (ds.dataset, load_neighbors(self.neighbor_files[ds.dataset]))
         indices, distances = self._neighbors[1]
         idx, dist = indices[rows], distances[rows].copy()
         unique, inverse = np.unique(idx, return_inverse=True)
@@ -235,7 +247,7 @@ class UnitBatches(Dataset):
         if self._held[0] != ds.dataset:
             self._held = (ds.dataset, None)  # let the previous one go first
             # a large dense dataset is read from its sparse copy (ensure_sparse_copy): its stored values are non-zeros
-            if self.neighbors_dir is not None and ds.matrix.n_stored <= HELD_VALUES:
+            if self.neighbor_files is not None and ds.matrix.n_stored <= HELD_VALUES:
                 blocks = [_read_vocabulary_counts(ds, start, min(start + HELD_BLOCK_ROWS, ds.n_cells))
                           for start in range(0, ds.n_cells, HELD_BLOCK_ROWS)]  # fmt: skip
                 vocab, totals = zip(*blocks)
@@ -247,116 +259,3 @@ def _read_vocabulary_counts(ds: DatasetPlan, start: int, stop: int) -> tuple[sp.
     """Rows ``[start, stop)`` read from the file: their vocabulary counts, and their total counts over all genes."""
     raw = ds.matrix.read_rows(start, stop)
     return to_vocabulary(raw, ds.gene_columns, ds.n_vocab), np.asarray(raw.sum(1)).ravel()
-
-
-class AtlasDataModule(L.LightningDataModule):
-    """Plans nothing itself: it is given the plan, and picks the units of its rank that are not done."""
-
-    def __init__(
-        self,
-        batch_size: int = 64,
-        num_workers: int | str = "auto",
-        min_counts: int = 1,
-        min_genes: int = 10,
-        n_neighbors: int = 6,
-        max_len: int = 256,
-        **plan_settings,
-    ):
-        super().__init__()
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.min_counts, self.min_genes, self.n_neighbors = min_counts, min_genes, n_neighbors
-        self.max_len = max_len
-        self.plan_settings = plan_settings  # counts, organism, cells_per_unit, min_gene_coverage
-        self.units: list[Unit] = []
-        self.datasets: dict[int, DatasetPlan] = {}
-        self.out_dir: Path | None = None
-        self.run, self.seed = 0, 0
-        self.vocabulary_offsets: dict[str, int] = {}
-        self.uses_neighbors = True
-        self.rank_units: list[Unit] = []
-
-    def attach(self, *, units, datasets, out_dir, run, seed, vocabulary_offsets, uses_neighbors) -> None:
-        """Give the module the run's plan (done by :func:`pipeline.predict.run_predict`)."""
-        self.units, self.datasets = units, {d.dataset: d for d in datasets}
-        self.out_dir, self.run, self.seed = Path(out_dir), run, seed
-        self.vocabulary_offsets, self.uses_neighbors = vocabulary_offsets, uses_neighbors
-
-    def setup(self, stage: str) -> None:
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        done = done_parts(self.out_dir, self.run)
-        mine = assign_units([u for u in self.units if u.part not in done], world)[rank]
-        if self.uses_neighbors:
-            for dataset in sorted({u.dataset for u in mine}):
-                try:
-                    ensure_sparse_copy(self.datasets[dataset], self.out_dir)
-                    self._ensure_neighbors(self.datasets[dataset])
-                except DatasetError as err:  # e.g. a bad value past the rows checked at planning
-                    log.error("%s", err)
-                    for unit in (u for u in mine if u.dataset == dataset):
-                        mark_failed(self.out_dir, self.run, unit, rank, str(err))
-                    mine = [u for u in mine if u.dataset != dataset]
-        self.rank_units = mine
-        log.info("rank %d/%d: %d units, %d cells to embed", rank, world, len(mine), sum(u.n_cells for u in mine))
-
-    def _ensure_neighbors(self, ds: DatasetPlan) -> None:
-        path = neighbors_path(self.out_dir, ds.dataset)
-        try:
-            if len(load_neighbors(path)[0]) == ds.n_cells:
-                return
-        except (OSError, ValueError):  # none yet, or an unreadable one (an older format): computed again
-            pass
-        log.info("%s: computing the %d-nearest-neighbour graph of %d cells", ds.path, self.n_neighbors, ds.n_cells)
-        save_neighbors(path, neighbor_chunks(ds.matrix, n_neighbors=self.n_neighbors, seed=self.seed))
-
-    def predict_dataloader(self) -> DataLoader:
-        batches = UnitBatches(
-            self.rank_units,
-            self.datasets,
-            vocabulary_offsets=self.vocabulary_offsets,
-            max_len=self.max_len,
-            batch_size=self.batch_size,
-            min_counts=self.min_counts,
-            min_genes=self.min_genes,
-            seed=self.seed,
-            neighbors_dir=self.out_dir / "neighbors" if self.uses_neighbors else None,
-        )
-        device_type = self.trainer.strategy.root_device.type
-        num_workers = resolve_num_workers(self.num_workers, device_type)
-        return DataLoader(
-            batches,
-            batch_size=None,
-            collate_fn=_as_is,
-            shuffle=False,
-            num_workers=num_workers,
-            persistent_workers=False,
-            pin_memory=torch.cuda.is_available(),
-            prefetch_factor=4 if num_workers else None,
-            worker_init_fn=_yield_to_forward if device_type == "cpu" else None,
-        )
-
-
-def resolve_num_workers(num_workers: int | str, device_type: str) -> int:
-    """DataLoader worker processes for ``data.num_workers`` (a count, or ``auto``) on this device type.
-
-    ``auto`` is 0 when the forward runs on the CPU: it uses every core, so a
-    worker's tokenizing is taken from the forward either way, and in the main
-    process, between forwards, it costs no inter-process traffic and never
-    stalls the forward's threads (on 2 cores, ``tiny`` at max_len 256: 92-95%
-    of the forward alone, against 73-88% with 2 workers). With a GPU, ``auto``
-    is 2: the CPU is free to tokenize while the GPU computes.
-    """
-    if num_workers == "auto":
-        return 0 if device_type == "cpu" else 2
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"data.num_workers must be auto or a number of processes >= 0, not {num_workers!r}")
-    return num_workers
-
-
-def _as_is(batch: dict) -> dict:
-    return batch
-
-
-def _yield_to_forward(worker_id: int) -> None:
-    """With the forward on the CPU, workers run at the lowest priority: a worker taking a core from one of the
-    forward's threads stalls all of them at their next synchronisation, so tokenizing is cheaper between forwards."""
-    os.nice(19)

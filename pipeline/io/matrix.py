@@ -1,24 +1,19 @@
-"""Open a dataset and stream its raw counts in row blocks.
+"""The count matrix every reader returns, and the checks every reader shares.
 
-:func:`open_counts` tells the format from the content and returns a
-:class:`CountMatrix`, the one interface the pipeline reads datasets through.
-This module reads AnnData (h5ad files and zarr stores); ``pipeline.formats``
-reads the others (10x, pandas HDF5 tables, sparse ``.npz`` pairs).
-
-The count matrix is never loaded whole (except CSC matrices, see
-:func:`open_anndata`, and the formats that cannot be read by rows, see
-``pipeline.formats``): :class:`CountMatrix` keeps the file open and reads the
-rows it is asked for, checking on the way that they hold raw counts.
+:class:`CountMatrix` keeps its file open and reads the rows it is asked for,
+checking on the way that they hold raw counts (finite, non-negative whole
+numbers). :class:`DatasetError` is the one-line refusal of a dataset.
 """
+
+from __future__ import annotations
 
 import logging
 import os
 import re
-import warnings
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import anndata
-import anndata.io
 import h5py
 import numpy as np
 import pandas as pd
@@ -27,17 +22,24 @@ import zarr
 
 log = logging.getLogger(__name__)
 
-#: Where ``counts="auto"`` looks for raw counts, in order of preference.
-AUTO_COUNT_LOCATIONS = ("layers/counts", "raw/X", "X")
+
 #: Rows sampled from the start of a matrix to decide whether it holds raw counts.
 N_SAMPLE_ROWS = 2000
+
+
 #: At most this many values (dense or CSC matrices) are sampled to decide whether they hold raw counts.
 N_SAMPLE_VALUES = 20_000_000
+
+
 #: Values of a dense matrix read at a time (40 MB of float32).
 DENSE_READ_VALUES = 10_000_000
+
+
 #: A CSC matrix with more stored values than this is worth a warning: it is
 #: converted to CSR in memory.
 CSC_WARNING_VALUES = 100_000_000
+
+
 #: Feature names of ATAC peaks: ``chr1:9776-10668``, ``chr1-9776-10668``, ``GL000194.1:55-1000``.
 PEAK_NAME = re.compile(r"^(chr[\w.]*[:_-]\d+[-_]\d+|[\w.]+:\d+-\d+)$")
 
@@ -91,7 +93,7 @@ class CountMatrix:
         written in the file (AnnData only).
     counts_location : str
         Where the counts are in the dataset: ``'X'``, ``'raw/X'`` or
-        ``'layers/<name>'`` for AnnData; see ``pipeline.formats`` for the
+        ``'layers/<name>'`` for AnnData; see ``pipeline.io.formats`` for the
         others. ``open_counts(path, counts=counts_location)`` opens the same
         matrix again.
     warnings : list of str
@@ -110,8 +112,10 @@ class CountMatrix:
     # what close() closes: an h5py.File or pd.HDFStore; None for zarr and in-memory matrices
     _file: object = field(default=None, repr=False)
     # a dense h5py/zarr array, or anything that returns rows for a slice or sorted row indices
-    # (CSRRows, in-memory scipy CSR, the row readers of pipeline.formats)
+    # (CSRRows, in-memory scipy CSR, the row readers of pipeline.io.tenx and pipeline.io.tables)
     _rows_source: object = field(default=None, repr=False)
+    # the function that opened it (pipeline.io.formats.open_counts): how a pickled copy reopens the dataset
+    _opener: object = field(default=None, repr=False)
 
     @property
     def n_stored(self):
@@ -144,7 +148,7 @@ class CountMatrix:
         if not 0 <= start <= stop <= self.n_cells:
             raise ValueError(f"{self.path}: row range [{start}, {stop}) is outside [0, {self.n_cells})")
         block = self._read(slice(start, stop), f"rows [{start}, {stop})")
-        _check_counts(block, self.path, self.counts_location, np.arange(start, stop))
+        check_counts(block, self.path, self.counts_location, np.arange(start, stop))
         return block
 
     def read_rows_at(self, rows):
@@ -173,29 +177,29 @@ class CountMatrix:
         if unique_rows.size == 0:
             return sp.csr_matrix((0, self.n_genes), dtype=np.float32)
         block = self._read(unique_rows, f"{unique_rows.size} rows between {unique_rows[0]} and {unique_rows[-1]}")
-        _check_counts(block, self.path, self.counts_location, unique_rows)
+        check_counts(block, self.path, self.counts_location, unique_rows)
         return block[position]
 
     def _read(self, selection, what):
         if self._rows_source is None:
             raise ValueError(f"{self.path}: the count matrix is closed")
         try:
-            if _is_array(self._rows_source):
+            if is_array(self._rows_source):
                 rows = np.arange(selection.start, selection.stop) if isinstance(selection, slice) else selection
-                block = _read_dense_rows(self._rows_source, rows)
+                block = read_dense_rows(self._rows_source, rows)
             else:
                 block = self._rows_source[selection]
         except (OSError, KeyError, RuntimeError, ValueError) as err:
-            raise DatasetError(self.path, f"cannot read {what} of {self.counts_location}: {_short_reason(err)}") from err
+            raise DatasetError(self.path, f"cannot read {what} of {self.counts_location}: {short_reason(err)}") from err
         return sp.csr_matrix(block, dtype=np.float32)
 
     def read_from_sparse_copy(self, path):
-        """Read the rows from ``path`` from now on: a CSR copy of this matrix (``pipeline.data.ensure_sparse_copy``).
+        """Read the rows from ``path`` from now on: a CSR copy of this matrix (``pipeline.tokens.batches.ensure_sparse_copy``).
 
         The copy is an HDF5 file with ``data``, ``indices`` and ``indptr`` and a
         ``shape`` attribute equal to this matrix's; the original file is closed.
         """
-        copy = _open_hdf5(path)
+        copy = open_hdf5(path)
         shape = tuple(int(n) for n in copy.attrs.get("shape", ()))
         if shape != (self.n_cells, self.n_genes):
             copy.close()
@@ -218,202 +222,16 @@ class CountMatrix:
         self.close()
 
     def __getstate__(self):
-        return {"path": self.path, "counts_location": self.counts_location}
+        return {"path": self.path, "counts_location": self.counts_location, "opener": self._opener}
 
     def __setstate__(self, state):
-        reopened = open_counts(state["path"], counts=state["counts_location"])
+        reopened = state["opener"](state["path"], counts=state["counts_location"])
         self.__dict__.update(reopened.__dict__)
 
 
-def open_counts(path, counts="auto"):
-    """Open a dataset's raw counts for reading in row blocks, whatever its format.
-
-    The format is told from the content (see ``pipeline.formats.detect_format``):
-    h5ad, AnnData zarr store, 10x ``.h5`` or ``matrix.mtx`` directory, pandas
-    HDF5 table (Kaggle ``.h5``), ``_values.sparse`` + ``_idxcol.npz`` pair.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        The dataset.
-    counts : str
-        Where the raw counts are: ``'auto'``, or a location of the format
-        (``'X'``, ``'raw/X'``, ``'layers/<name>'`` for AnnData; the table's key
-        for a pandas HDF5 file; the one location the other formats have).
-
-    Returns
-    -------
-    CountMatrix
-        Open; close it, or use it as a context manager.
-
-    Raises
-    ------
-    DatasetError
-        The dataset is missing, unreadable, of no known format, corrupt, empty,
-        not RNA (ATAC peaks, proteins), or holds no raw counts where ``counts``
-        says (one line naming the file and the problem).
-    ValueError
-        ``counts`` is not a form an AnnData location can take.
-    """
-    from pipeline import formats  # formats builds on this module's CountMatrix
-
-    path = os.fspath(path)
-    return formats.OPENERS[formats.detect_format(path)](path, counts)
-
-
-def open_anndata(path, counts="auto"):
-    """Open the raw counts of an h5ad file or AnnData zarr store for reading in row blocks.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        The h5ad file or zarr directory.
-    counts : str
-        Where the raw counts are: ``'X'``, ``'raw/X'``, ``'layers/<name>'``,
-        or ``'auto'`` to take the first of ``layers/counts``, ``raw/X``, ``X``
-        whose first rows hold raw counts (finite, non-negative whole numbers).
-
-    Returns
-    -------
-    CountMatrix
-        Open; close it, or use it as a context manager.
-
-    Raises
-    ------
-    DatasetError
-        The file is missing, unreadable, not AnnData, corrupt, empty, holds ATAC
-        peaks, or holds no raw counts where ``counts`` says (one line naming the
-        file and the problem).
-    ValueError
-        ``counts`` is not one of the forms above.
-
-    Notes
-    -----
-    Dense and CSR matrices are read lazily. A CSC matrix cannot be cut into
-    rows efficiently, so it is converted once to an in-memory CSR matrix (a
-    warning is logged above 1e8 stored values). Every block returned by
-    :meth:`CountMatrix.read_rows` is checked again for raw counts.
-    """
-    path = os.fspath(path)
-    if not isinstance(counts, str) or (
-        counts not in ("auto", "X", "raw/X") and not (counts.startswith("layers/") and len(counts) > len("layers/"))
-    ):
-        raise ValueError(f"counts must be 'auto', 'X', 'raw/X' or 'layers/<name>', got {counts!r}")
-    if os.path.isdir(path):
-        root, h5_file, kind = _open_zarr(path), None, "AnnData zarr"
-    else:
-        root = h5_file = _open_hdf5(path)
-        kind = "h5ad"
-    try:
-        return _build_count_matrix(path, root, counts, kind, h5_file)
-    except DatasetError:
-        if h5_file is not None:
-            h5_file.close()
-        raise
-    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:
-        if h5_file is not None:
-            h5_file.close()
-        raise DatasetError(path, f"cannot be read as {kind}: {_short_reason(err)}") from err
-
-
-def check_readable(path):
-    """Raise a DatasetError if ``path`` does not exist or cannot be read."""
-    if not os.path.exists(path):
-        raise DatasetError(path, "file does not exist")
-    try:
-        if os.path.isdir(path):
-            os.listdir(path)
-        else:
-            with open(path, "rb"):
-                pass
-    except PermissionError:
-        raise DatasetError(path, "is not readable (permission denied)") from None
-    except OSError as err:
-        raise DatasetError(path, f"is not readable ({_short_reason(err)})") from err
-
-
-def _open_hdf5(path):
-    check_readable(path)
-    if os.path.isdir(path):
-        raise DatasetError(path, "is a directory, not an h5ad file")
-    if not h5py.is_hdf5(path):
-        raise DatasetError(path, "is not an h5ad file (not HDF5)")
-    return open_hdf5_file(path)
-
-
-def open_hdf5_file(path):
-    """``h5py.File(path, 'r')``, with a DatasetError for a truncated or corrupt file."""
-    try:
-        return h5py.File(path, "r")
-    except OSError as err:
-        raise DatasetError(path, f"is a truncated or corrupt HDF5 file ({_short_reason(err)})") from err
-
-
-def _open_zarr(path):
-    check_readable(path)
-    try:
-        return zarr.open_group(path, mode="r")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DatasetError(path, f"is not a readable zarr store ({_short_reason(err)})") from err
-
-
-def _build_count_matrix(path, root, counts, kind, h5_file):
-    if "obs" not in root or "var" not in root:
-        what = "an h5ad file" if kind == "h5ad" else "an AnnData zarr store"
-        raise DatasetError(path, f"is not {what} (no obs/var tables)")
-    location = _choose_counts_location(path, root, counts)
-    element = root[location]
-    n_cells, n_genes = _element_shape(element)
-    if n_cells == 0:
-        raise DatasetError(path, f"has no cells ({location} has 0 rows)")
-    if n_genes == 0:
-        raise DatasetError(path, f"has no genes ({location} has 0 columns)")
-
-    with warnings.catch_warnings():
-        # files from anndata < 0.8 lack encoding metadata; anndata reads them fine
-        warnings.simplefilter("ignore", anndata.OldFormatWarning)
-        obs = anndata.io.read_elem(root["obs"])
-        var = anndata.io.read_elem(root["raw/var" if location == "raw/X" else "var"])
-    if len(obs) != n_cells:
-        raise DatasetError(path, f"obs has {len(obs)} rows but {location} has {n_cells}")
-    if len(var) != n_genes:
-        var_name = "raw/var" if location == "raw/X" else "var"
-        raise DatasetError(path, f"{var_name} has {len(var)} rows but {location} has {n_genes} columns")
-    check_not_peaks(path, var.index)
-    obs_names = obs.index.to_numpy(dtype=object)
-
-    findings = []
-    n_duplicated = int(obs.index.duplicated().sum())
-    if n_duplicated:
-        findings.append(f"{n_duplicated} duplicated obs names; cells are identified by their row")
-    rows_source = element
-    if _sparse_format(element) == "csc":
-        csc = anndata.io.sparse_dataset(element)
-        n_stored = int(element["data"].shape[0])
-        if n_stored > CSC_WARNING_VALUES:
-            message = f"{location} is CSC with {n_stored:,} stored values; converted to CSR in memory"
-            log.warning("%s: %s", path, message)
-            findings.append(message)
-        rows_source = csc.to_memory().tocsr()
-    elif _sparse_format(element) == "csr":
-        rows_source = CSRRows(element["data"], element["indices"], element["indptr"], n_genes)
-
-    return CountMatrix(
-        path=path,
-        n_cells=n_cells,
-        n_genes=n_genes,
-        obs_names=obs_names,
-        obs=obs,
-        var=var,
-        uns_organism=_read_uns_organism(root),
-        counts_location=location,
-        warnings=findings,
-        _file=h5_file,
-        _rows_source=rows_source,
-    )
-
-
 HULL_READ_VALUES = 100_000  # read scattered rows as one block when it holds at most this many values
+
+
 RUN_GAP_VALUES = 4_096  # scattered rows closer than this many values apart are read in one call
 
 
@@ -484,12 +302,7 @@ def check_not_peaks(path, feature_names):
         )  # fmt: skip
 
 
-def _is_array(element):
-    """A dense array of an HDF5 file or zarr store (not a group holding a sparse matrix)."""
-    return isinstance(element, (h5py.Dataset, zarr.Array))
-
-
-def _read_dense_rows(dataset, rows):
+def read_dense_rows(dataset, rows):
     """Rows (increasing) of a dense matrix as CSR, read a few at a time so a block is never held dense."""
     rows_per_read = max(1, DENSE_READ_VALUES // max(dataset.shape[1], 1))
     parts = [sp.csr_matrix((0, dataset.shape[1]), dtype=np.float32)]
@@ -502,77 +315,7 @@ def _read_dense_rows(dataset, rows):
     return sp.vstack(parts, format="csr")
 
 
-def _choose_counts_location(path, root, counts):
-    if counts != "auto":
-        if not _is_matrix(root, counts):
-            raise DatasetError(path, f"has no count matrix at {counts}")
-        problem = _counts_problem(root[counts])
-        if problem:
-            raise DatasetError(path, f"{counts} holds {problem}; pass data.counts=... if raw counts are elsewhere")
-        return counts
-
-    findings, missing = [], []
-    for location in AUTO_COUNT_LOCATIONS:
-        if not _is_matrix(root, location):
-            missing.append(_display_name(location))
-            continue
-        problem = _counts_problem(root[location])
-        if problem is None:
-            return location
-        findings.append(f"{_display_name(location)} holds {problem}")
-    if missing:
-        findings.append("no " + " or ".join(missing))
-    other_layers = [name for name in root.get("layers", {}) if name != "counts"]
-    if other_layers:
-        findings.append("other layers: " + ", ".join(other_layers))
-    findings.append("pass data.counts=... if raw counts are elsewhere")
-    raise DatasetError(path, "; ".join(findings))
-
-
-def _display_name(location):
-    if location.startswith("layers/"):
-        return f"layers['{location[len('layers/'):]}']"
-    return "raw.X" if location == "raw/X" else location
-
-
-def _is_matrix(root, location):
-    if location not in root:
-        return False
-    element = root[location]
-    return _is_array(element) or _sparse_format(element) in ("csr", "csc")
-
-
-def _sparse_format(element):
-    if _is_array(element):
-        return None
-    encoding = element.attrs.get("encoding-type", element.attrs.get("h5sparse_format", ""))
-    encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
-    return encoding.replace("_matrix", "")
-
-
-def _element_shape(element):
-    if _is_array(element):
-        if element.ndim != 2:
-            raise ValueError(f"count matrix has {element.ndim} dimensions")
-        return tuple(int(n) for n in element.shape)
-    shape = element.attrs.get("shape", element.attrs.get("h5sparse_shape"))
-    return int(shape[0]), int(shape[1])
-
-
-def _counts_problem(element):
-    """Why the first rows of a matrix are not raw counts, or None if they are."""
-    if _is_array(element):
-        n_genes = element.shape[1] if element.ndim == 2 else 1
-        values = element[: min(N_SAMPLE_ROWS, max(1, N_SAMPLE_VALUES // max(n_genes, 1)))]
-    elif _sparse_format(element) == "csr":
-        end = int(element["indptr"][min(N_SAMPLE_ROWS, element["indptr"].shape[0] - 1)])
-        values = element["data"][:end]
-    else:
-        values = element["data"][:N_SAMPLE_VALUES]
-    return _values_problem(np.asarray(values).reshape(-1))
-
-
-def _values_problem(values):
+def values_problem(values):
     """What ``values`` hold that raw counts do not (a phrase), or None if they are raw counts."""
     if values.dtype.kind in "iub":
         negative = values[values < 0]
@@ -592,8 +335,8 @@ def _values_problem(values):
     return None
 
 
-def _check_counts(block, path, location, rows):
-    problem = _values_problem(block.data)
+def check_counts(block, path, location, rows):
+    problem = values_problem(block.data)
     if problem is None:
         return
     bad_value = ~np.isfinite(block.data) | (block.data < 0) | (block.data != np.round(block.data))
@@ -603,21 +346,130 @@ def _check_counts(block, path, location, rows):
     )
 
 
-def _read_uns_organism(root):
-    for key in ("uns/organism_ontology_term_id", "uns/organism"):
-        if key in root and _is_array(root[key]):
-            value = root[key][()]
-            if isinstance(value, np.ndarray):
-                if value.size != 1:
-                    continue
-                value = value.reshape(-1)[0]
-            return value.decode() if isinstance(value, bytes) else str(value)
-    return None
-
-
-def _short_reason(err):
+def short_reason(err):
     """The informative part of an (h5py) error message, one line."""
     message = " ".join(str(err).split())
     if "(" in message and message.endswith(")"):
         message = message[message.index("(") + 1 : -1]
     return message or type(err).__name__
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def table_count_matrix(path, location, cells, var, rows_source, file, findings=()):
+    """A CountMatrix of a format without obs/uns, after checking its first rows hold raw counts."""
+    n_cells, n_genes = len(cells), len(var)
+    check_shape(path, location, n_cells, n_genes)
+    findings = list(findings) + duplicated_names(cells, "cell ids")
+    matrix = CountMatrix(
+        path=path,
+        n_cells=n_cells,
+        n_genes=n_genes,
+        obs_names=cells.to_numpy(dtype=object),
+        obs=pd.DataFrame(index=cells),
+        var=var,
+        uns_organism=None,
+        counts_location=location,
+        warnings=findings,
+        _file=file,
+        _rows_source=rows_source,
+    )
+    n_sample = min(n_cells, N_SAMPLE_ROWS, max(1, N_SAMPLE_VALUES // n_genes))
+    problem = values_problem(matrix._read(slice(0, n_sample), f"rows [0, {n_sample})").data)
+    if problem:
+        raise DatasetError(path, f"{location} holds {problem}; scPRINT-2 needs raw counts")
+    return matrix
+
+
+def check_shape(path, location, n_cells, n_genes):
+    """Refuse a matrix without cells or without genes."""
+    if n_cells == 0:
+        raise DatasetError(path, f"has no cells ({location} has 0 rows)")
+    if n_genes == 0:
+        raise DatasetError(path, f"has no genes ({location} has 0 columns)")
+
+
+def duplicated_names(names, what):
+    """A finding when cell names repeat (cells are identified by their row, so they are kept)."""
+    n_duplicated = int(pd.Index(names).duplicated().sum())
+    return [f"{n_duplicated} duplicated {what}; cells are identified by their row"] if n_duplicated else []
+
+
+@contextmanager
+def closed_on_error(path, what, handle=None):
+    """Close ``handle`` if the block raises; turn reading errors into a one-line DatasetError."""
+    try:
+        yield
+    except BaseException as err:
+        if handle is not None:
+            handle.close()
+        if isinstance(err, (OSError, KeyError, ValueError, TypeError, RuntimeError, zipfile.BadZipFile)) and not (
+            isinstance(err, DatasetError)
+        ):
+            raise DatasetError(path, f"cannot be read as {what}: {short_reason(err)}") from err
+        raise
+
+
+def check_only_location(path, counts, location, what):
+    if counts not in ("auto", location):
+        raise DatasetError(path, f"has no count matrix at {counts}: it is {what}, whose counts are in {location}")
+
+
+def in_memory_findings(path, location, n_stored):
+    if n_stored <= CSC_WARNING_VALUES:
+        return []
+    message = f"{location} holds {n_stored:,} stored values, read into memory by each reading process"
+    log.warning("%s: %s", path, message)
+    return [message]
+
+
+def as_text(values):
+    """Names read from HDF5 (bytes or str, array or scalar) as str (an object array for arrays)."""
+    if isinstance(values, (bytes, np.bytes_)):
+        return values.decode()
+    if isinstance(values, str):
+        return values
+    values = np.asarray(values)
+    if values.dtype.kind == "S":
+        return np.char.decode(values, "utf-8").astype(object)
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values.reshape(-1)], dtype=object)
+
+
+def check_readable(path):
+    """Raise a DatasetError if ``path`` does not exist or cannot be read."""
+    if not os.path.exists(path):
+        raise DatasetError(path, "file does not exist")
+    try:
+        if os.path.isdir(path):
+            os.listdir(path)
+        else:
+            with open(path, "rb"):
+                pass
+    except PermissionError:
+        raise DatasetError(path, "is not readable (permission denied)") from None
+    except OSError as err:
+        raise DatasetError(path, f"is not readable ({short_reason(err)})") from err
+
+
+def open_hdf5(path):
+    """An HDF5 file opened for reading, with a DatasetError naming what it is if it is not one."""
+    check_readable(path)
+    if os.path.isdir(path):
+        raise DatasetError(path, "is a directory, not an h5ad file")
+    if not h5py.is_hdf5(path):
+        raise DatasetError(path, "is not an h5ad file (not HDF5)")
+    return open_hdf5_file(path)
+
+
+def open_hdf5_file(path):
+    """``h5py.File(path, 'r')``, with a DatasetError for a truncated or corrupt file."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise DatasetError(path, f"is a truncated or corrupt HDF5 file ({short_reason(err)})") from err
+
+
+def is_array(element):
+    """A dense array of an HDF5 file or zarr store (not a group holding a sparse matrix)."""
+    return isinstance(element, (h5py.Dataset, zarr.Array))

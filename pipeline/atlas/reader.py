@@ -1,10 +1,7 @@
-"""Reading an atlas directory: its state, ``scatlas status`` and ``scatlas validate``, and :func:`open_atlas`."""
+"""Reading an atlas: :func:`open_atlas` and :class:`Atlas`, a lazy, memory-mapped view of its done parts."""
 
 from __future__ import annotations
 
-import functools
-import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,158 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.checkpoint import file_sha256
-from pipeline import manifest
-from pipeline.plan import Unit
-
-
-@dataclass
-class AtlasState:
-    """Everything the manifest says about one run of an atlas directory."""
-
-    out_dir: Path
-    run: int
-    description: dict
-    datasets: pd.DataFrame
-    units: list[Unit]
-    done: dict[int, dict]
-    failed: dict[int, dict]
-
-    @property
-    def pending(self) -> list[Unit]:
-        failed_datasets = set(self.datasets.loc[self.datasets.status == "failed", "dataset"])
-        return [u for u in self.units if u.part not in self.done and u.dataset not in failed_datasets]
-
-
-def load_state(out_dir: str | Path, run: int | None = None) -> AtlasState:
-    """Read ``atlas.json``, ``datasets.parquet``, the unit plan and the part markers."""
-    out_dir = Path(out_dir)
-    if not (out_dir / "atlas.json").exists():
-        raise FileNotFoundError(f"{out_dir} is not an atlas directory (no atlas.json)")
-    description = manifest.read_json(out_dir / "atlas.json")
-    run = description["run"] if run is None else run
-    units, _ = manifest.read_units(out_dir)
-    return AtlasState(
-        out_dir=out_dir,
-        run=run,
-        description=description,
-        datasets=pd.read_parquet(out_dir / "datasets.parquet"),
-        units=units,
-        done=manifest.done_parts(out_dir, run),
-        failed=manifest.failed_parts(out_dir, run),
-    )
-
-
-def read_part(out_dir: str | Path, record: dict) -> dict:
-    """The arrays and tables of one done part: ``embs``, ``top3``, ``scores``, ``cells``, ``dropped``."""
-    stem = Path(out_dir) / record["stem"]
-    part = {}
-    for name in ("embs", "top3", "scores"):
-        with np.load(f"{stem}_{name}.npz") as npz:
-            part[name] = npz[name]
-    part["cells"] = pd.read_parquet(f"{stem}_cells.parquet")
-    part["dropped"] = pd.read_parquet(f"{stem}_dropped.parquet")
-    return part
-
-
-def status_report(state: AtlasState) -> str:
-    """Units and cells done, failures, per-rank throughput and an ETA, as text."""
-    units_by_part = {u.part: u for u in state.units}
-    n_done = len(state.done)
-    embedded = sum(r["n_cells"] for r in state.done.values())
-    dropped = sum(r["n_dropped"] for r in state.done.values())
-    planned_cells = sum(u.n_cells for u in state.units)
-    remaining = sum(u.n_cells for u in state.pending)
-    lines = [
-        f"atlas {state.out_dir}  run {state.run}",
-        f"units     {n_done}/{len(state.units)} done, {len(state.pending)} pending",
-        f"cells     {embedded:,} embedded, {dropped:,} dropped, of {planned_cells:,} planned",
-    ]
-    failed_ds = state.datasets[state.datasets.status == "failed"]
-    lines.append(f"datasets  {(state.datasets.status == 'done').sum()}/{len(state.datasets)} done, "
-                 f"{len(failed_ds)} failed")  # fmt: skip
-    for row in failed_ds.itertuples():
-        lines.append(f"  failed: {row.error}")
-    for part, record in sorted(state.failed.items()):
-        if part not in state.done:
-            lines.append(f"  failed part {part}: {record['error']}")
-    by_rank: dict[int, list[dict]] = {}
-    for record in state.done.values():
-        by_rank.setdefault(int(record["rank"]), []).append(record)
-    total_rate = 0.0
-    for rank, records in sorted(by_rank.items()):
-        cells = sum(units_by_part[r["part"]].n_cells for r in records if r["part"] in units_by_part)
-        seconds = sum(r["seconds"] for r in records)
-        rate = cells / seconds if seconds else 0.0
-        total_rate += rate
-        lines.append(f"rank {rank:>4}  {len(records)} parts, {cells:,} cells, {rate:,.0f} cells/s")
-    if remaining and total_rate:
-        lines.append(f"ETA       {remaining / total_rate / 60:.1f} min at {total_rate:,.0f} cells/s")
-    return "\n".join(lines)
-
-
-def validate(out_dir: str | Path, run: int | None = None) -> list[str]:
-    """Check an atlas is complete and consistent; returns the problems found (empty = valid).
-
-    Checks: every planned unit is done (or its dataset failed); every part's five
-    files exist and match the sha256 in its marker; the rows of a part agree
-    across files and with ``atlas.json`` widths; every row of every unit is
-    present exactly once, embedded or dropped; no stray part files.
-    """
-    state = load_state(out_dir, run)
-    out_dir = state.out_dir
-    problems = []
-    width, n_top = state.description["embedding_width"], state.description["top_columns"]
-    for unit in state.pending:
-        why = state.failed.get(unit.part, {}).get("error", "not done")
-        problems.append(f"part {unit.part} (dataset {unit.dataset} rows {unit.start}-{unit.stop}): {why}")
-    units_by_part = {u.part: u for u in state.units}
-    expected_files = set()
-    for part, record in sorted(state.done.items()):
-        unit = units_by_part.get(part)
-        if unit is None or (unit.dataset, unit.start, unit.stop) != (record["dataset"], record["start"], record["stop"]):
-            problems.append(f"part {part}: marker does not match the plan")
-            continue
-        expected_files.update(record["files"])
-        missing = [f for f in record["files"] if not (out_dir / f).exists()]
-        if missing:
-            problems.append(f"part {part}: missing files {missing}")
-            continue
-        corrupt = [f for f, digest in record["files"].items() if file_sha256(out_dir / f) != digest]
-        if corrupt:
-            problems.append(f"part {part}: files changed since written (checksum mismatch): {corrupt}")
-            continue
-        problems += _check_part(part, unit, read_part(out_dir, record), record, width, n_top)
-    stray = sorted(p.name for p in out_dir.glob(f"step_{state.run}__predict_part_*") if p.name not in expected_files)
-    if stray:
-        problems.append(f"{len(stray)} part files not in the manifest: {stray[:5]}")
-    return problems
-
-
-def _check_part(part: int, unit: Unit, data: dict, record: dict, width: int, n_top: int) -> list[str]:
-    problems = []
-    n = len(data["cells"])
-    shapes = {k: data[k].shape for k in ("embs", "top3", "scores")}
-    if any(s[0] != n for s in shapes.values()) or n != record["n_cells"]:
-        problems.append(f"part {part}: row counts disagree: cells {n}, " + ", ".join(f"{k} {s[0]}" for k, s in shapes.items()))
-    if shapes["embs"][1] != width or shapes["top3"][1] != n_top or shapes["scores"][1] != n_top:
-        problems.append(f"part {part}: widths {shapes} do not match atlas.json ({width}, {n_top})")
-    rows = np.concatenate([data["cells"]["row"].to_numpy(), data["dropped"]["row"].to_numpy()])
-    datasets = np.concatenate([data["cells"]["dataset"].to_numpy(), data["dropped"]["dataset"].to_numpy()])
-    if (datasets != unit.dataset).any():
-        problems.append(f"part {part}: holds cells of another dataset")
-    if len(rows) != unit.n_cells or not np.array_equal(np.sort(rows), np.arange(unit.start, unit.stop)):
-        problems.append(
-            f"part {part}: cells embedded + dropped ({len(rows)}) are not exactly rows {unit.start}-{unit.stop}"
-        )
-    return problems
-
+from pipeline.atlas.labels import short_name, term_names
+from pipeline.atlas.layout import PART_ARRAYS, part_file
+from pipeline.atlas.state import load_state
+from pipeline.io.files import memmap_npz
+from pipeline.io.formats import open_counts
 
 # ----------------------------------------------------------------------------- the Python API: open_atlas
-
-#: dtype of each per-part array file, as ``write_part`` writes it.
-PART_ARRAYS = {"embs": np.float32, "top3": np.int32, "scores": np.float32}
-ONTOLOGY_TERM = re.compile(r"^[A-Za-z]+:[A-Za-z0-9]+$")
 
 
 def open_atlas(out_dir: str | Path, run: int | None = None, progress: bool = True) -> Atlas:
@@ -185,8 +37,12 @@ def open_atlas(out_dir: str | Path, run: int | None = None, progress: bool = Tru
     """
     state = load_state(out_dir, run)
     records = [state.done[p] for p in sorted(state.done)]
-    parts = pd.DataFrame({key: pd.Series([r[key] for r in records], dtype=object if key == "stem" else np.int64)
-                          for key in ("part", "dataset", "start", "stop", "rank", "stem", "n_cells", "n_dropped")})
+    parts = pd.DataFrame(
+        {
+            key: pd.Series([r[key] for r in records], dtype=object if key == "stem" else np.int64)
+            for key in ("part", "dataset", "start", "stop", "rank", "stem", "n_cells", "n_dropped")
+        }
+    )
     parts["first"] = np.cumsum(parts["n_cells"].to_numpy()) - parts["n_cells"].to_numpy()
     return Atlas(state.out_dir, state.run, state.description, state.datasets, parts, len(state.units), progress)
 
@@ -316,15 +172,14 @@ class Atlas:
         row = self.parts.loc[self.parts["part"] == part]
         if row.empty:
             raise ValueError(f"{self.out_dir}: part {part} is not done")
-        path = self.out_dir / f"{row['stem'].iloc[0]}_{kind}.npz"
-        return manifest.memmap_npz(path, kind)
+        return memmap_npz(self.out_dir / part_file(row["stem"].iloc[0], kind), kind)
 
     def part_cells(self, part: int) -> pd.DataFrame:
-        """One part's ``_cells.parquet``."""
+        """One part's cell table (dataset, row, obs_name, organism, ...)."""
         stem = self.parts.loc[self.parts["part"] == part, "stem"]
         if stem.empty:
             raise ValueError(f"{self.out_dir}: part {part} is not done")
-        return pd.read_parquet(self.out_dir / f"{stem.iloc[0]}_cells.parquet")
+        return pd.read_parquet(self.out_dir / part_file(stem.iloc[0], "cells"))
 
     def iter_parts(self, kinds=("embs", "top3", "scores"), cells: bool = True, description: str = "reading parts"):
         """One pass over the done parts, with a progress bar.
@@ -333,7 +188,7 @@ class Atlas:
         ------
         (pd.Series, dict)
             The part's row of :attr:`parts`, and its arrays by kind
-            (memory-mapped) plus ``cells`` (its ``_cells.parquet``) when
+            (memory-mapped) plus ``cells`` (its cell table) when
             ``cells`` is true.
         """
         for record in self._track(self.parts.itertuples(index=False), len(self.parts), description):
@@ -400,8 +255,6 @@ class Atlas:
         file's ``obs_names`` are checked against the atlas, so a file changed
         since it was embedded is refused.
         """
-        from pipeline.readers import open_counts
-
         columns = [columns] if isinstance(columns, str) else list(columns)
         cells = self.cells(rows)
         result = pd.DataFrame(index=cells.index, columns=columns, dtype=object)
@@ -430,7 +283,9 @@ class Atlas:
 
         data = self._read(rows, {"cells": None, "embs": slice(None), "top3": slice(None), "scores": slice(None)},
                           "reading cells")  # fmt: skip
-        obs = pd.concat([data["cells"], self._prediction_table(data["top3"], data["scores"], None, data["index"])], axis=1)
+        obs = pd.concat(
+            [data["cells"], self._prediction_table(data["top3"], data["scores"], None, data["index"])], axis=1
+        )
         obs.index = pd.Index(obs.pop("obs_name").astype(str).to_numpy(), name=None)
         blocks = pd.DataFrame(self.description["embedding_blocks"])
         uns = {"scprint2": {"atlas": str(self.out_dir.resolve()), "run": self.run, "embedding_blocks": blocks}}
@@ -497,7 +352,9 @@ class Atlas:
                 value = pd.concat(pieces[name], ignore_index=True) if pieces[name] else empty
             else:
                 width = len(range(*columns.indices(self._width(name))))
-                value = np.concatenate(pieces[name]) if pieces[name] else np.zeros((0, width), PART_ARRAYS[name])
+                value = (
+                    np.concatenate(pieces[name]) if pieces[name] else np.zeros((0, width), np.dtype(PART_ARRAYS[name]))
+                )
             if order is not None:
                 inverse = np.empty_like(order)
                 inverse[order] = np.arange(len(order))
@@ -522,11 +379,6 @@ class Atlas:
         return track(items, description=description, total=total, transient=True, console=console)
 
 
-def short_name(name: str) -> str:
-    """``cell_type_ontology_term_id`` -> ``cell_type``, ``self_reported_ethnicity...`` -> ``ethnicity``, ``age_group`` -> ``age``."""
-    return name.removesuffix("_ontology_term_id").removeprefix("self_reported_").removesuffix("_group")
-
-
 def _match_name(name: str, names: list[str], what: str, where) -> str:
     """``name`` itself, else the one of ``names`` it is the short form, the prefix or a ``_``-separated part of."""
     if name in names:
@@ -539,68 +391,3 @@ def _match_name(name: str, names: list[str], what: str, where) -> str:
         if found:
             raise ValueError(f"{where}: {what} {name!r} is ambiguous: it could be {found}")
     raise ValueError(f"{where}: no {what} {name!r}; the atlas has {names}")
-
-
-_TERM_NAMES: dict[str, str] = {}
-
-
-def term_names(terms) -> dict[str, str]:
-    """Ontology labels of term ids (``CL:0000084`` -> ``T cell``), via ``cellxgene-ontology-guide``.
-
-    A term maps to itself when the package (the ``ontology`` extra) is not
-    installed, the term is not an ontology id, or the ontologies do not know
-    it. Looked-up names are kept in a cache file under ``$XDG_CACHE_HOME``
-    (default ``~/.cache``) ``/scprint-atlas/``, since loading an ontology can
-    take seconds (NCBITaxon: about 15 s).
-    """
-    terms = [str(t) for t in terms]
-    wanted = [t for t in dict.fromkeys(terms) if t not in _TERM_NAMES]
-    if wanted:
-        parser, cache_path = _ontology_parser()
-        if parser is None:
-            _TERM_NAMES.update({t: t for t in wanted})
-        else:
-            cached = _read_name_cache(cache_path)
-            unknown = [t for t in wanted if t not in cached]
-            for term in unknown:
-                cached[term] = _lookup_term(parser, term)
-            _TERM_NAMES.update({t: cached[t] for t in wanted})
-            if unknown:
-                _write_name_cache(cache_path, cached)
-    return {t: _TERM_NAMES[t] for t in terms}
-
-
-def _lookup_term(parser, term: str) -> str:
-    if not ONTOLOGY_TERM.match(term):
-        return term
-    try:
-        return parser.get_term_label(term) or term
-    except Exception:  # noqa: BLE001 - unknown ontologies and terms raise various errors; the id is the fallback
-        return term
-
-
-@functools.lru_cache(maxsize=1)
-def _ontology_parser():
-    """The parser and the path of its name cache, or ``(None, None)`` without ``cellxgene-ontology-guide``."""
-    try:
-        from cellxgene_ontology_guide.ontology_parser import OntologyParser
-    except ImportError:
-        return None, None
-    from importlib.metadata import version
-
-    cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scprint-atlas"
-    return OntologyParser(), cache_dir / f"ontology_names_{version('cellxgene-ontology-guide')}.json"
-
-
-def _read_name_cache(path: Path) -> dict[str, str]:
-    try:
-        return manifest.read_json(path)
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_name_cache(path: Path, names: dict[str, str]) -> None:
-    try:
-        manifest.write_json(path, names)
-    except OSError:  # a read-only home: names are looked up again next time
-        pass

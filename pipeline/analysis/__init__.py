@@ -1,0 +1,1 @@
+"""Reading an atlas for people: summaries, plots, linear probes, held-out accuracy."""

@@ -1,0 +1,69 @@
+"""The directory layout of an atlas: the one place that spells its file names.
+
+``<out>/``::
+
+    atlas.json                                   blocks, classes, label vocabulary, model, config, runs
+    datasets.parquet                             one row per input dataset (status, error, ...)
+    manifest/units.parquet                       the plan: part id -> (dataset, row range)
+    manifest/run_{run}/part_{part}.done.json     written last, after the part's files
+    manifest/run_{run}/part_{part}.failed.json   a unit that could not be embedded
+    neighbors/dataset_{id}.npz                   a dataset's kNN graph (metacell models)
+    neighbors/dataset_{id}.counts.h5             CSR copy of a large dense count matrix, until the dataset is done
+    step_{run}__predict_part_{part}_{rank}_{embs,top3,scores}.npz, _cells.parquet, _dropped.parquet
+
+A part counts as done only through its ``.done.json``, which records each of
+its files' sha256.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: The arrays of a part (one ``.npz`` each, one array named as the file) and their dtypes.
+PART_ARRAYS = {"embs": "float32", "top3": "int32", "scores": "float32"}
+#: The tables of a part (``.parquet``).
+PART_TABLES = ("cells", "dropped")
+
+
+def description_path(out_dir) -> Path:
+    return Path(out_dir) / "atlas.json"
+
+
+def datasets_path(out_dir) -> Path:
+    return Path(out_dir) / "datasets.parquet"
+
+
+def units_path(out_dir) -> Path:
+    return Path(out_dir) / "manifest" / "units.parquet"
+
+
+def marker_path(out_dir, run: int, part: int, kind: str) -> Path:
+    """``manifest/run_{run}/part_{part}.{kind}.json``, ``kind`` ``done`` or ``failed``."""
+    return run_dir(out_dir, run) / f"part_{part}.{kind}.json"
+
+
+def run_dir(out_dir, run: int) -> Path:
+    return Path(out_dir) / "manifest" / f"run_{run}"
+
+
+def neighbors_path(out_dir, dataset: int) -> Path:
+    return Path(out_dir) / "neighbors" / f"dataset_{dataset}.npz"
+
+
+def sparse_copy_path(out_dir, dataset: int) -> Path:
+    return Path(out_dir) / "neighbors" / f"dataset_{dataset}.counts.h5"
+
+
+def part_stem(run: int, part: int, rank: int) -> str:
+    """File name prefix of one part, as in the published atlas: ``step_0__predict_part_12_3``."""
+    return f"step_{run}__predict_part_{part}_{rank}"
+
+
+def part_file(stem: str, name: str) -> str:
+    """The file name of one of a part's arrays (``embs``, ``top3``, ``scores``) or tables (``cells``, ``dropped``)."""
+    return f"{stem}_{name}.npz" if name in PART_ARRAYS else f"{stem}_{name}.parquet"
+
+
+def part_files_pattern(run: int, part: int | None = None) -> str:
+    """A glob of the files of every part of a run, or of one part written by any rank."""
+    return f"step_{run}__predict_part_*" if part is None else f"step_{run}__predict_part_{part}_*"

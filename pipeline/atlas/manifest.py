@@ -1,0 +1,157 @@
+"""The manifest of an atlas: the stored plan, the part markers, ``atlas.json`` and ``datasets.parquet``.
+
+Every write is atomic (temporary file + rename), so a run killed at any moment
+leaves either the old or the new version of each file.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.atlas.labels import term_names
+from pipeline.atlas.layout import datasets_path, marker_path, run_dir, units_path
+from pipeline.io.files import atomic_write, read_json, write_json
+from pipeline.plan.datasets import DatasetPlan
+from pipeline.plan.units import Unit
+
+
+def tool_version() -> str:
+    try:
+        return version("scprint-atlas")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def column_blocks(config) -> tuple[list[dict], list[dict]]:
+    """Where each embedding block and each class's top labels sit in a part's columns.
+
+    Returns the embedding blocks (``name``, ``start``, ``width``) in ``embs``
+    column order, and the classes (``name``, ``k``, ``start``, ``n_labels``) in
+    ``top3``/``scores`` column order, from a model config.
+    """
+    blocks, start = [], 0
+    for name, width in config.embedding_blocks:
+        blocks.append({"name": name, "start": start, "width": width})
+        start += width
+    classes, start = [], 0
+    for name, k in config.topk.items():
+        classes.append({"name": name, "k": k, "start": start, "n_labels": config.classes[name]})
+        start += k
+    return blocks, classes
+
+
+def read_units(out_dir) -> tuple[list[Unit], dict[int, str]]:
+    """The stored plan: its units and the path of every dataset id it used."""
+    path = units_path(out_dir)
+    if not path.exists():
+        return [], {}
+    table = pd.read_parquet(path)
+    units = [Unit(int(r.part), int(r.dataset), int(r.start), int(r.stop)) for r in table.itertuples()]
+    return units, dict(zip(table.dataset.astype(int), table.path))
+
+
+def write_units(out_dir, units: list[Unit], paths: dict[int, str]) -> None:
+    table = pd.DataFrame(
+        {
+            "part": [u.part for u in units],
+            "dataset": [u.dataset for u in units],
+            "path": [paths[u.dataset] for u in units],
+            "start": [u.start for u in units],
+            "stop": [u.stop for u in units],
+        }
+    )
+    atomic_write(units_path(out_dir), lambda tmp: table.to_parquet(tmp, index=False))
+
+
+def done_parts(out_dir, run: int) -> dict[int, dict]:
+    """part id -> its done record, for one run."""
+    return _part_records(out_dir, run, "done")
+
+
+def failed_parts(out_dir, run: int) -> dict[int, dict]:
+    """part id -> its failure record (unit, rank, error), for one run."""
+    return _part_records(out_dir, run, "failed")
+
+
+def _part_records(out_dir, run: int, kind: str) -> dict[int, dict]:
+    records = {}
+    for path in sorted(run_dir(out_dir, run).glob(marker_path(out_dir, run, "*", kind).name)):
+        record = read_json(path)
+        records[int(record["part"])] = record
+    return records
+
+
+def mark_done(out_dir, run: int, record: dict) -> None:
+    marker_path(out_dir, run, record["part"], "failed").unlink(missing_ok=True)
+    write_json(marker_path(out_dir, run, record["part"], "done"), record)
+
+
+def mark_failed(out_dir, run: int, unit: Unit, rank: int, error: str) -> None:
+    record = {"part": unit.part, "dataset": unit.dataset, "start": unit.start, "stop": unit.stop,
+              "rank": rank, "error": error}  # fmt: skip
+    write_json(marker_path(out_dir, run, unit.part, "failed"), record)
+
+
+def atlas_description(cfg: DictConfig, model, run: int, runs: list[dict], with_names: bool = False) -> dict:
+    """The content of ``atlas.json``; ``with_names`` adds ``label_names`` (term -> ontology name, a slow first lookup)."""
+    config = model.config
+    blocks, classes = column_blocks(config)
+    description = {
+        "format": "scprint-atlas/1",
+        "tool_version": tool_version(),
+        "embedding_width": sum(b["width"] for b in blocks),
+        "embedding_blocks": blocks,
+        "top_columns": sum(c["k"] for c in classes),
+        "classes": classes,
+        "labels": {
+            c: {str(code): term for code, term in config.label_decoders[c].items() if code < n}
+            for c, n in config.classes.items()
+        },  # fmt: skip
+        "model": {
+            "name": cfg.model.name,
+            "checkpoint": model.checkpoint_path,
+            "checkpoint_sha256": model.checkpoint_sha256,
+            "max_len": int(cfg.model.max_len),
+            "organisms": config.organisms,
+            "vocabulary_size": len(config.vocabulary),
+        },
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "run": run,
+        "runs": runs,
+    }
+    if with_names:
+        description["label_names"] = term_names(t for labels in description["labels"].values() for t in labels.values())
+    return description
+
+
+def write_datasets_table(out_dir: Path, datasets: list[DatasetPlan], units: list[Unit], run: int) -> pd.DataFrame:
+    """``datasets.parquet``: planning facts plus each dataset's status from the part markers."""
+    done = done_parts(out_dir, run)
+    failed = failed_parts(out_dir, run)
+    units_of: dict[int, list[Unit]] = {}
+    for unit in units:
+        units_of.setdefault(unit.dataset, []).append(unit)
+    rows = []
+    for ds in datasets:
+        row = ds.record()
+        mine = units_of.get(ds.dataset, [])
+        row["n_units"] = len(mine)
+        row["n_units_done"] = sum(u.part in done for u in mine)
+        row["n_embedded"] = sum(done[u.part]["n_cells"] for u in mine if u.part in done)
+        row["n_dropped"] = sum(done[u.part]["n_dropped"] for u in mine if u.part in done)
+        errors = [failed[u.part]["error"] for u in mine if u.part in failed and u.part not in done]
+        if ds.status != "failed":
+            if errors:
+                row["status"], row["error"] = "failed", errors[0]
+            elif mine and row["n_units_done"] == len(mine):
+                row["status"] = "done"
+            else:
+                row["status"] = "pending"
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    atomic_write(datasets_path(out_dir), lambda tmp: table.to_parquet(tmp, index=False))
+    return table

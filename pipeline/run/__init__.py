@@ -1,0 +1,1 @@
+"""Running a prediction: Lightning data module, module and writer; signals; CPU settings; ``run_predict``."""

@@ -1,0 +1,129 @@
+"""The Lightning data module: the plan -> this rank's units that are not done -> batches.
+
+Before the first batch, each of the rank's datasets is prepared for a metacell
+model (:func:`pipeline.tokens.batches.prepare_dataset`); a dataset that fails
+there is marked failed and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.atlas.layout import neighbors_path, sparse_copy_path
+from pipeline.atlas.manifest import done_parts, mark_failed
+from pipeline.io.matrix import DatasetError
+from pipeline.plan.datasets import DatasetPlan
+from pipeline.plan.units import Unit, assign_units
+from pipeline.tokens.batches import UnitBatches, prepare_dataset
+
+log = logging.getLogger(__name__)
+
+
+class AtlasDataModule(L.LightningDataModule):
+    """Plans nothing itself: it is given the plan, and picks the units of its rank that are not done."""
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int | str = "auto",
+        min_counts: int = 1,
+        min_genes: int = 10,
+        n_neighbors: int = 6,
+        max_len: int = 256,
+        **planning,  # counts, organism, metadata, cells_per_unit, min_gene_coverage: read by run_predict's plan
+    ):
+        super().__init__()
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.min_counts, self.min_genes, self.n_neighbors = min_counts, min_genes, n_neighbors
+        self.max_len = max_len
+        self.units: list[Unit] = []
+        self.datasets: dict[int, DatasetPlan] = {}
+        self.out_dir: Path | None = None
+        self.run, self.seed = 0, 0
+        self.vocabulary_offsets: dict[str, int] = {}
+        self.uses_neighbors = True
+        self.rank_units: list[Unit] = []
+
+    def attach(self, *, units, datasets, out_dir, run, seed, vocabulary_offsets, uses_neighbors) -> None:
+        """Give the module the run's plan (done by :func:`pipeline.run.predict.run_predict`)."""
+        self.units, self.datasets = units, {d.dataset: d for d in datasets}
+        self.out_dir, self.run, self.seed = Path(out_dir), run, seed
+        self.vocabulary_offsets, self.uses_neighbors = vocabulary_offsets, uses_neighbors
+
+    def setup(self, stage: str) -> None:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        done = done_parts(self.out_dir, self.run)
+        mine = assign_units([u for u in self.units if u.part not in done], world)[rank]
+        if self.uses_neighbors:
+            for dataset in sorted({u.dataset for u in mine}):
+                try:
+                    prepare_dataset(self.datasets[dataset], neighbors_path(self.out_dir, dataset),
+                                    sparse_copy_path(self.out_dir, dataset), self.n_neighbors, self.seed)  # fmt: skip
+                except DatasetError as err:  # e.g. a bad value past the rows checked at planning
+                    log.error("%s", err)
+                    for unit in (u for u in mine if u.dataset == dataset):
+                        mark_failed(self.out_dir, self.run, unit, rank, str(err))
+                    mine = [u for u in mine if u.dataset != dataset]
+        self.rank_units = mine
+        log.info("rank %d/%d: %d units, %d cells to embed", rank, world, len(mine), sum(u.n_cells for u in mine))
+
+    def _neighbor_files(self) -> dict[int, Path] | None:
+        if not self.uses_neighbors:
+            return None
+        return {dataset: neighbors_path(self.out_dir, dataset) for dataset in {u.dataset for u in self.rank_units}}
+
+    def predict_dataloader(self) -> DataLoader:
+        batches = UnitBatches(
+            self.rank_units,
+            self.datasets,
+            vocabulary_offsets=self.vocabulary_offsets,
+            max_len=self.max_len,
+            batch_size=self.batch_size,
+            min_counts=self.min_counts,
+            min_genes=self.min_genes,
+            seed=self.seed,
+            neighbor_files=self._neighbor_files(),
+        )
+        device_type = self.trainer.strategy.root_device.type
+        num_workers = resolve_num_workers(self.num_workers, device_type)
+        return DataLoader(
+            batches,
+            batch_size=None,
+            collate_fn=_as_is,
+            shuffle=False,
+            num_workers=num_workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if num_workers else None,
+            worker_init_fn=_yield_to_forward if device_type == "cpu" else None,
+        )
+
+
+def resolve_num_workers(num_workers: int | str, device_type: str) -> int:
+    """DataLoader worker processes for ``data.num_workers`` (a count, or ``auto``) on this device type.
+
+    ``auto`` is 0 on a CPU: the forward uses every core, so tokenizing in the
+    main process between forwards costs least (README, Performance). With a GPU
+    it is 2: the CPU tokenizes while the GPU computes.
+    """
+    if num_workers == "auto":
+        return 0 if device_type == "cpu" else 2
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"data.num_workers must be auto or a number of processes >= 0, not {num_workers!r}")
+    return num_workers
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
+
+
+def _yield_to_forward(worker_id: int) -> None:
+    """With the forward on the CPU, workers run at the lowest priority: a worker taking a core from one of the
+    forward's threads stalls all of them at their next synchronisation, so tokenizing is cheaper between forwards."""
+    os.nice(19)

@@ -1,0 +1,110 @@
+"""Writing parts: a unit's batches -> its five files, written atomically, then its done marker."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from pipeline.atlas.layout import PART_ARRAYS, PART_TABLES, part_file, part_files_pattern, part_stem
+from pipeline.atlas.manifest import mark_done, mark_failed
+from pipeline.io.files import atomic_write, file_sha256
+from pipeline.plan.units import Unit
+from pipeline.run.module import host_outputs
+from pipeline.run.signals import Preempted, stop_requested
+
+log = logging.getLogger(__name__)
+
+
+class PartWriter(BasePredictionWriter):
+    """Collects the batches of a unit and writes its five files, then its done marker."""
+
+    def __init__(self, out_dir: Path, run: int):
+        super().__init__(write_interval="batch")
+        self.out_dir, self.run = Path(out_dir), run
+        self.pending: dict[int, dict] = {}
+        self.n_cells = 0
+        self.n_failed = 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if stop_requested() is not None:
+            raise Preempted(f"stopped by signal {stop_requested()}")
+        unit = Unit(*batch["unit"])
+        state = self.pending.setdefault(unit.part, {"outputs": [], "cells": [], "dropped": [], "error": "",
+                                                    "started": time.time()})  # fmt: skip
+        if batch["error"]:
+            state["error"] = state["error"] or batch["error"]
+        else:
+            state["cells"].append(batch["cells"])
+            state["dropped"].append(batch["dropped"])
+            if prediction is not None:
+                state["outputs"].append(prediction)
+        if not batch["last"]:
+            return
+        del self.pending[unit.part]
+        rank = trainer.global_rank
+        if state["error"]:
+            log.error("part %d failed: %s", unit.part, state["error"])
+            mark_failed(self.out_dir, self.run, unit, rank, state["error"])
+            self.n_failed += 1
+            return
+        record = write_part(self.out_dir, self.run, unit, rank, state, pl_module.model.config)
+        self.n_cells += record["n_cells"]
+        mark_done(self.out_dir, self.run, record)
+        log.info(
+            "rank %d: part %d done, %d cells embedded + %d dropped in %.1f s (%.0f cells/s)",
+            rank,
+            unit.part,
+            record["n_cells"],
+            record["n_dropped"],
+            record["seconds"],
+            unit.n_cells / max(record["seconds"], 1e-9),
+        )
+
+
+def write_part(out_dir: Path, run: int, unit: Unit, rank: int, state: dict, config) -> dict:
+    """Write one unit's embs/top3/scores/cells/dropped files atomically; return its done record."""
+    widths = {"embs": sum(w for _, w in config.embedding_blocks), "top3": sum(config.topk.values())}
+    widths["scores"] = widths["top3"]
+    outputs = [host_outputs(o) for o in state["outputs"]]
+    arrays = {}
+    for name, key in (("embs", "embs"), ("top3", "top_ids"), ("scores", "top_scores")):
+        dtype = np.dtype(PART_ARRAYS[name])
+        arrays[name] = (np.concatenate([o[key] for o in outputs]).astype(dtype, copy=False) if outputs
+                        else np.zeros((0, widths[name]), dtype))  # fmt: skip
+    cells = pd.DataFrame({k: np.concatenate([c[k] for c in state["cells"]]) for k in state["cells"][0]})
+    dropped = pd.DataFrame({k: np.concatenate([d[k] for d in state["dropped"]]) for k in state["dropped"][0]})
+    cells["obs_name"] = cells["obs_name"].astype(str)
+    cells["organism"] = cells["organism"].astype(str)
+    dropped["obs_name"] = dropped["obs_name"].astype(str)
+    dropped["reason"] = dropped["reason"].astype(str)
+    if len(cells) != len(arrays["embs"]):
+        raise RuntimeError(f"part {unit.part}: {len(cells)} cells but {len(arrays['embs'])} embeddings")
+    stem = part_stem(run, unit.part, rank)
+    for stale in out_dir.glob(part_files_pattern(run, unit.part)):  # an earlier attempt on another rank
+        if not stale.name.startswith(stem + "_"):
+            stale.unlink(missing_ok=True)
+    tables = dict(zip(PART_TABLES, (cells, dropped)))
+    files = {}
+    for name, array in arrays.items():
+        path = out_dir / part_file(stem, name)
+        atomic_write(path, lambda tmp, a=array, n=name: _save_npz(tmp, n, a))
+        files[path.name] = file_sha256(path)
+    for name, table in tables.items():
+        path = out_dir / part_file(stem, name)
+        atomic_write(path, lambda tmp, t=table: t.to_parquet(tmp, index=False))
+        files[path.name] = file_sha256(path)
+    return {
+        "part": unit.part, "dataset": unit.dataset, "start": unit.start, "stop": unit.stop, "rank": rank,
+        "stem": stem, "n_cells": len(cells), "n_dropped": len(dropped), "files": files,
+        "seconds": round(time.time() - state["started"], 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }  # fmt: skip
+
+
+def _save_npz(path: str, name: str, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.savez(fh, **{name: array})

@@ -1,0 +1,1 @@
+"""Tokens: a dataset's cells -> model inputs (gene selection, neighbour graphs, batches)."""
