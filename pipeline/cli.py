@@ -7,6 +7,8 @@ scatlas bench [--help]            data path, memory, forward and end-to-end thro
 scatlas summarize ATLAS_DIR       tables of predicted labels per dataset, cell type x tissue/..., scores
 scatlas plot ATLAS_DIR            PNGs: PCA/UMAP of a cell sample, score histograms, cell type x tissue
 scatlas probe ATLAS_DIR --label COLUMN   linear probe of the embeddings against a source obs column
+scatlas export ATLAS_DIR --to parquet|zarr|soma OUT   the cells, predictions and embeddings for duckdb/pandas,
+                                  AnnData (zarr) or TileDB-SOMA
 scatlas train-demo [--out-dir DIR]      re-train the shipped tiny demo checkpoint (CPU, minutes, deterministic)
 """
 
@@ -149,6 +151,33 @@ def probe(argv: list[str]) -> int:
     return 0
 
 
+def export(argv: list[str]) -> int:
+    from pipeline.atlas.reader import open_atlas
+    from pipeline.export.exporters import EXPORTERS, export_atlas
+
+    parser = argparse.ArgumentParser(prog="scatlas export", description="Write the cells of an atlas, their decoded "
+                                     "predictions (terms, names, scores of every class) and embeddings in another "
+                                     "ecosystem's format: parquet (a cells/ and an embeddings/ table, one file per "
+                                     "part, for duckdb, polars or pandas), zarr (one AnnData store: obs + "
+                                     "obsm['X_scprint2']) or soma (a TileDB-SOMA experiment; needs the soma extra). "
+                                     "Reads one part at a time and writes OUT only when complete; the atlas's model, "
+                                     "checkpoint sha256 and settings go in the output's metadata (scprint_atlas).")  # fmt: skip
+    parser.add_argument("atlas_dir", metavar="ATLAS_DIR", help="out_dir of a scatlas predict run")
+    parser.add_argument("--to", required=True, choices=list(EXPORTERS), help="output format")
+    parser.add_argument("out", type=Path, metavar="OUT", help="the directory to write (must not exist)")
+    parser.add_argument("--run", type=int, default=None, help="run counter (default: the latest run)")
+    args = parser.parse_args(argv)
+    atlas = open_atlas(args.atlas_dir, args.run)
+    try:
+        written = export_atlas(atlas, args.to, args.out)
+    except (FileExistsError, ModuleNotFoundError) as err:
+        print(f"scatlas export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {atlas.n_cells:,} cells of {len(atlas.parts)} parts ({atlas.out_dir}, run {atlas.run}) "
+          f"to {written} ({args.to})")  # fmt: skip
+    return 0
+
+
 def _analysis_parser(command: str, description: str, default_out: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"scatlas {command}", description=description + " Reads only the parts "
                                      "that are done, so it works on an atlas still being written.")  # fmt: skip
@@ -166,7 +195,7 @@ def _open(parser: argparse.ArgumentParser, argv: list[str]):
 
 
 COMMANDS = {"predict": predict, "status": status, "validate": validate, "bench": bench, "summarize": summarize,
-            "plot": plot, "probe": probe, "train-demo": train_demo}  # fmt: skip
+            "plot": plot, "probe": probe, "export": export, "train-demo": train_demo}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

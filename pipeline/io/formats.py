@@ -3,11 +3,13 @@
 Formats and where their counts are (``counts_location``): AnnData h5ad / zarr
 (``X``, ``raw/X``, ``layers/<name>``; :mod:`pipeline.io.h5ad`), 10x ``.h5`` and
 ``matrix.mtx`` directories (:mod:`pipeline.io.tenx`), pandas HDF5 tables (the
-table's key) and sparse ``.npz`` pairs (:mod:`pipeline.io.tables`).
+table's key) and sparse ``.npz`` pairs (:mod:`pipeline.io.tables`), TileDB-SOMA
+experiments (``ms/<measurement>/X/<layer>``; :mod:`pipeline.io.soma`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -15,6 +17,7 @@ import h5py
 
 from pipeline.io.h5ad import open_anndata
 from pipeline.io.matrix import DatasetError, check_readable, open_hdf5_file
+from pipeline.io.soma import is_soma_experiment, open_soma
 from pipeline.io.tables import open_pandas_table, open_sparse_pair, pandas_objects, sparse_pair_paths
 from pipeline.io.tenx import open_10x_h5, open_10x_mtx, v2_genome_group
 
@@ -23,7 +26,8 @@ log = logging.getLogger(__name__)
 
 #: Formats :func:`detect_format` names, as a phrase for error messages.
 KNOWN_FORMATS = (
-    "h5ad, AnnData zarr, 10x .h5 or matrix.mtx directory, pandas .h5 table, _values.sparse + _idxcol.npz pair"
+    "h5ad, AnnData zarr, 10x .h5 or matrix.mtx directory, pandas .h5 table, _values.sparse + _idxcol.npz pair, "
+    "TileDB-SOMA experiment"
 )
 
 
@@ -39,7 +43,7 @@ def detect_format(path):
     -------
     str
         A key of :data:`OPENERS`: ``'h5ad'``, ``'zarr'``, ``'10x_h5'``,
-        ``'10x_mtx'``, ``'pandas_h5'`` or ``'sparse_pair'``.
+        ``'10x_mtx'``, ``'pandas_h5'``, ``'sparse_pair'`` or ``'soma'``.
 
     Raises
     ------
@@ -52,8 +56,9 @@ def detect_format(path):
     if os.path.isdir(path):
         kind = directory_format(path)
         if kind is None:
-            raise DatasetError(path, "is a directory, but neither a zarr store (no .zgroup or zarr.json) nor a 10x "
-                               "matrix directory (no matrix.mtx.gz)")  # fmt: skip
+            raise DatasetError(path, "is a directory, but neither a zarr store (no .zgroup or zarr.json), a 10x "
+                               "matrix directory (no matrix.mtx.gz) nor a TileDB-SOMA experiment (no "
+                               "__tiledb_group.tdb with obs and ms)")  # fmt: skip
         return kind
     if not h5py.is_hdf5(path):
         if path.endswith(".h5ad"):
@@ -73,7 +78,9 @@ def detect_format(path):
 
 
 def directory_format(path):
-    """``'zarr'`` or ``'10x_mtx'`` for a directory that is one dataset, else None."""
+    """``'zarr'``, ``'10x_mtx'`` or ``'soma'`` for a directory that is one dataset, else None."""
+    if is_soma_experiment(path):
+        return "soma"
     names = set(os.listdir(path))
     if names & {".zgroup", "zarr.json"}:
         return "zarr"
@@ -90,10 +97,11 @@ OPENERS = {
     "10x_mtx": open_10x_mtx,
     "pandas_h5": open_pandas_table,
     "sparse_pair": open_sparse_pair,
+    "soma": open_soma,
 }
 
 
-def open_counts(path, counts="auto"):
+def open_counts(path, counts="auto", obs_filter=None):
     """Open a dataset's raw counts for reading in row blocks, whatever its format.
 
     The format is told from the content (see :func:`detect_format`):
@@ -107,7 +115,12 @@ def open_counts(path, counts="auto"):
     counts : str
         Where the raw counts are: ``'auto'``, or a location of the format
         (``'X'``, ``'raw/X'``, ``'layers/<name>'`` for AnnData; the table's key
-        for a pandas HDF5 file; the one location the other formats have).
+        for a pandas HDF5 file; an X layer (``raw`` or ``ms/RNA/X/raw``) for a
+        SOMA experiment; the one location the other formats have).
+    obs_filter : str, optional
+        A TileDB-SOMA value filter on ``obs`` (``data.soma_filter``): a SOMA
+        experiment is read for the cells it keeps. Other formats ignore it,
+        with a warning in ``matrix.warnings``.
 
     Returns
     -------
@@ -124,6 +137,15 @@ def open_counts(path, counts="auto"):
         ``counts`` is not a form an AnnData location can take.
     """
     path = os.fspath(path)
-    matrix = OPENERS[detect_format(path)](path, counts)
-    matrix._opener = open_counts
+    kind = detect_format(path)
+    if kind == "soma":
+        matrix = open_soma(path, counts, obs_filter)
+    else:
+        matrix = OPENERS[kind](path, counts)
+        if obs_filter:
+            matrix.warnings.append(
+                f"data.soma_filter={obs_filter!r} is ignored: it filters TileDB-SOMA experiments only"
+            )
+    # a pickled copy (a data-loader worker) reopens the same cells
+    matrix._opener = functools.partial(open_counts, obs_filter=obs_filter) if obs_filter else open_counts
     return matrix
