@@ -260,8 +260,10 @@ class Atlas:
         result = pd.DataFrame(index=cells.index, columns=columns, dtype=object)
         for dataset, group in cells.groupby("dataset", sort=True):
             path = self.dataset_path(int(dataset))
-            location = self.datasets.loc[self.datasets["dataset"] == dataset, "counts_location"]
-            with open_counts(path, counts=location.iloc[0] if len(location) else "auto") as matrix:
+            record = self.datasets.loc[self.datasets["dataset"] == dataset]
+            location = record["counts_location"].iloc[0] if len(record) else "auto"
+            soma_filter = record["soma_filter"].iloc[0] if "soma_filter" in record and len(record) else None
+            with open_counts(path, counts=location, obs_filter=soma_filter or None) as matrix:
                 rows_in_source = group["row"].to_numpy()
                 if not np.array_equal(matrix.obs_names[rows_in_source].astype(str), group["obs_name"].to_numpy(str)):
                     raise ValueError(f"{path}: obs names differ from the atlas; the file changed since it was embedded")

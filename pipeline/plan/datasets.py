@@ -38,6 +38,7 @@ class DatasetPlan:
     path: str
     dataset_id: str = ""  # the catalog's dataset_id, if any
     metadata: str = ""  # the metadata table joined to the cells, if any
+    soma_filter: str = ""  # the obs value filter a TileDB-SOMA experiment was read with, if any
     status: str = "pending"  # "pending" or "failed" at planning time
     error: str = ""
     n_cells: int = 0
@@ -59,6 +60,7 @@ class DatasetPlan:
         """The row of ``datasets.parquet``."""
         return {
             "dataset": self.dataset, "path": self.path, "dataset_id": self.dataset_id, "metadata": self.metadata,
+            "soma_filter": self.soma_filter,
             "n_cells": self.n_cells, "status": self.status,
             "error": self.error, "counts_location": self.counts_location, "organism": self.gene_organism,
             "gene_source": self.gene_source, "n_genes": self.n_genes, "n_vocab_genes": self.n_vocab_genes,
@@ -80,13 +82,14 @@ def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], sett
     """Open one dataset, work out its organism and gene mapping, join its metadata; failures are recorded, not raised.
 
     ``settings`` are the data settings (``counts``, ``organism``,
-    ``min_gene_coverage``, ``metadata``), with a catalog row's overrides and
-    ``dataset_id``.
+    ``min_gene_coverage``, ``metadata``, ``soma_filter``), with a catalog row's
+    overrides and ``dataset_id``. A TileDB-SOMA experiment's cells get their
+    ``soma_joinid`` in the cell table.
     """
     plan = DatasetPlan(dataset=dataset, path=path, dataset_id=settings.get("dataset_id") or "",
-                       metadata=settings.get("metadata") or "")  # fmt: skip
+                       metadata=settings.get("metadata") or "", soma_filter=settings.get("soma_filter") or "")  # fmt: skip
     try:
-        matrix = open_counts(path, counts=settings.get("counts", "auto"))
+        matrix = open_counts(path, counts=settings.get("counts", "auto"), obs_filter=plan.soma_filter or None)
     except DatasetError as err:
         plan.status, plan.error = "failed", str(err)
         return plan
@@ -96,6 +99,8 @@ def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], sett
         _map_genes(plan, matrix, vocabulary, settings)
         if plan.metadata:
             plan.cell_metadata = join_metadata(plan, matrix.obs_names)
+        if "soma_joinid" in matrix.obs:  # a TileDB-SOMA cell's id in its experiment, whatever the filter
+            plan.cell_metadata["soma_joinid"] = matrix.obs["soma_joinid"].to_numpy(np.int64)
     except DatasetError as err:
         plan.status, plan.error = "failed", str(err)
     except ValueError as err:  # e.g. an organism name we cannot read

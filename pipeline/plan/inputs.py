@@ -24,7 +24,7 @@ CATALOG_SUFFIXES = (".csv", ".tsv")
 
 
 #: Optional catalog columns: per-dataset data settings, and the id recorded in ``datasets.parquet``.
-CATALOG_SETTINGS = ("organism", "counts", "metadata")
+CATALOG_SETTINGS = ("organism", "counts", "metadata", "soma_filter")
 
 
 def resolve_inputs(spec) -> list[tuple[str, dict]]:
@@ -32,12 +32,13 @@ def resolve_inputs(spec) -> list[tuple[str, dict]]:
 
     ``spec`` is a dataset, a glob, a directory, a catalog, or a list of these:
 
-    - a dataset: a file, or a directory that is one (zarr store, 10x mtx);
+    - a dataset: a file, or a directory that is one (zarr store, 10x mtx,
+      TileDB-SOMA experiment);
     - a directory: its datasets, sorted by name: ``.h5ad``/``.h5``/``.hdf5``
       files, ``*_values.sparse(.npz)`` pairs, zarr and 10x mtx sub-directories;
     - a catalog: a ``.csv``/``.tsv`` table with a ``path`` column, one dataset
       a row; relative paths are relative to the catalog's folder. Optional
-      columns ``organism``, ``counts``, ``metadata`` override the run's data
+      columns ``organism``, ``counts``, ``metadata``, ``soma_filter`` override the run's data
       settings for that row; ``dataset_id`` is recorded in ``datasets.parquet``.
 
     ``settings`` holds the row's overrides (empty outside catalogs). Paths that

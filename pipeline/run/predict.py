@@ -91,6 +91,8 @@ def settings_fingerprint(cfg: DictConfig, model) -> dict:
         "n_neighbors": int(cfg.data.n_neighbors),
         "counts": str(cfg.data.counts),
         "organism": cfg.data.organism,
+        # only when set, so atlases made before the setting existed resume
+        **({"soma_filter": str(cfg.data.soma_filter)} if cfg.data.get("soma_filter") else {}),
     }
 
 
