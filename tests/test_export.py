@@ -14,6 +14,7 @@ import zarr
 from conftest import DATA, run
 
 from pipeline.atlas import open_atlas
+from pipeline.export.anndata_zarr import export_zarr
 from pipeline.export.parquet import read_embeddings
 
 BMMC = DATA / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
@@ -101,8 +102,8 @@ def test_parquet_export_reads_back_with_pandas_and_duckdb(atlas_dir, expected, t
 
 def test_zarr_export_is_the_anndata_of_open_atlas(atlas_dir, expected, tmp_path):
     atlas, want, embedding = expected
-    out = tmp_path / "atlas.zarr"
-    assert scatlas("export", atlas_dir, "--to", "zarr", out).returncode == 0
+    out = tmp_path / "atlas.zarr"  # blocks of 2 parts (250 + 250, 100 + 250, 70): the later ones are appended
+    export_zarr(atlas, out, block_rows=300)
     adata = anndata.read_zarr(out)
     reference = atlas.to_anndata()
     assert adata.n_obs == 918 and np.array_equal(adata.obs_names, reference.obs_names)
@@ -129,9 +130,12 @@ def test_soma_export_reads_back_with_tiledbsoma(atlas_dir, expected, tmp_path):
         assert np.array_equal(np.sort(heart["soma_joinid"]), np.flatnonzero(want["dataset"] == 1))
         rows = experiment.ms["RNA"].obsm["X_scprint2"].read((slice(600, 699),)).to_numpy()
         assert np.array_equal(rows, embedding[600:700])
+        cell_type = experiment.ms["RNA"].obsm["X_scprint2_cell_type"].read().to_numpy()
+        assert np.array_equal(cell_type, atlas.embedding("cell_type"))
         adata = tiledbsoma.io.to_anndata(experiment, "RNA", X_layer_name=None, obs_id_name="obs_id")
     assert np.array_equal(adata.obs_names, reference.obs_names)
     assert np.array_equal(adata.obsm["X_scprint2"], reference.obsm["X_scprint2"])
+    assert np.array_equal(adata.obsm["X_scprint2_other"], atlas.embedding("other"))
     same_columns(adata.obs, reference.obs, reference.obs.columns)
 
 

@@ -1,6 +1,7 @@
 """An atlas as a TileDB-SOMA experiment: ``obs`` the cells with decoded predictions (``soma_joinid`` = the atlas
-row, ``obs_id`` = the source cell's name), the embedding as ``ms['RNA'].obsm['X_scprint2']`` (a dense array);
-``tiledbsoma`` and ``tiledbsoma.io.to_anndata`` read it.
+row, ``obs_id`` = the source cell's name), the embedding as ``ms['RNA'].obsm['X_scprint2']`` (a dense array)
+and each of its blocks as ``obsm['X_scprint2_<block>']`` (``X_scprint2_cell_type``...: a copy of its columns,
+so a block is read alone); ``tiledbsoma`` and ``tiledbsoma.io.to_anndata`` read it.
 
 The measurement has no genes (``var`` is empty, there is no ``X``): the counts stay in the source files, which
 ``dataset`` and ``row`` point to. The provenance (JSON) is the experiment's metadata ``scprint_atlas``.
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipeline.atlas.labels import short_name
 from pipeline.export.cells import PROVENANCE_KEY, cell_table_layout, part_tables, provenance_json, staged_output
 from pipeline.io.extras import import_extra
 
@@ -42,13 +44,19 @@ def export_soma(atlas, out: str | Path) -> Path:
                 measurement = experiment.add_new_collection("ms").add_new_collection(MEASUREMENT, soma.Measurement)
                 measurement.add_new_dataframe("var", schema=pa.schema([("soma_joinid", pa.int64()),
                                               ("var_id", pa.large_string())]), domain=[(0, 0)])  # fmt: skip
-                embedding = measurement.add_new_collection("obsm").add_new_dense_ndarray(
-                    "X_scprint2", type=pa.float32(), shape=(n_cells, width)
-                )
+                obsm = measurement.add_new_collection("obsm")
+                embedding = obsm.add_new_dense_ndarray("X_scprint2", type=pa.float32(), shape=(n_cells, width))
+                blocks = {f"X_scprint2_{short_name(b['name'])}": (b, obsm.add_new_dense_ndarray(
+                    f"X_scprint2_{short_name(b['name'])}", type=pa.float32(), shape=(n_cells, b["width"])))
+                    for b in atlas.description["embedding_blocks"]}  # fmt: skip
             first = int(cells["atlas_row"].iloc[0]) if len(cells) else 0
             if len(cells):
                 obs.write(table.cast(schema))
-                embedding.write((slice(first, first + len(cells) - 1), slice(None)), pa.Tensor.from_numpy(embs))
+                rows = slice(first, first + len(cells) - 1)  # SOMA slices include their end
+                embedding.write((rows, slice(None)), pa.Tensor.from_numpy(embs))
+                for block, array in blocks.values():
+                    columns = embs[:, block["start"] : block["start"] + block["width"]]
+                    array.write((rows, slice(None)), pa.Tensor.from_numpy(np.ascontiguousarray(columns)))
         experiment.metadata[PROVENANCE_KEY] = provenance_json(atlas)
     return Path(out)
 
