@@ -194,7 +194,7 @@ def test_unknown_formats_are_refused_clearly(files, tmp_path):
     (tmp_path / "counts.csv").write_text("cell,A1BG\nc1,3\n")
     assert problem_of(tmp_path / "counts.csv") == (
         "is of no format scatlas reads (not HDF5; it reads h5ad, AnnData zarr, 10x .h5 or matrix.mtx directory, "
-        "pandas .h5 table, _values.sparse + _idxcol.npz pair)"
+        "pandas .h5 table, _values.sparse + _idxcol.npz pair, TileDB-SOMA experiment)"
     )
     with h5py.File(tmp_path / "other.h5", "w") as h5_file:
         h5_file["values"] = np.ones((3, 3))
