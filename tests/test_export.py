@@ -27,14 +27,14 @@ def scatlas(*args):
 
 @pytest.fixture(scope="module")
 def atlas_dir(tmp_path_factory):
-    """BMMC and heart cells (5 parts, 2 heart cells dropped), the tiny preset with random weights (all nine classes);
-    a metadata column (batch) for the BMMC cells only, so the exports meet a column one dataset lacks."""
+    """Heart and BMMC cells (5 parts, 2 heart cells dropped), the tiny preset with random weights (all nine classes);
+    a metadata column (batch) for the BMMC cells only, so the exports meet a column the first parts lack."""
     folder = tmp_path_factory.mktemp("export")
     bmmc = anndata.read_h5ad(BMMC)
     pd.DataFrame({"cell_id": bmmc.obs_names, "batch": bmmc.obs["batch"].astype(str)}).to_csv(
         folder / "batch.csv", index=False
     )
-    pd.DataFrame({"path": [BMMC, HEART], "metadata": [folder / "batch.csv", ""]}).to_csv(
+    pd.DataFrame({"path": [HEART, BMMC], "metadata": ["", folder / "batch.csv"]}).to_csv(
         folder / "catalog.csv", index=False
     )
     out = folder / "atlas"
@@ -82,8 +82,8 @@ def test_parquet_export_reads_back_with_pandas_and_duckdb(atlas_dir, expected, t
     cells = pd.read_parquet(out / "cells").sort_values("atlas_row").reset_index(drop=True)
     assert len(cells) == atlas.n_cells == 918 and np.array_equal(cells["atlas_row"], np.arange(918))
     same_columns(cells, want.reset_index(drop=True), want.columns)
-    assert cells.loc[cells["dataset"] == 1, "batch"].isna().all()  # the heart file has no metadata table
-    assert cells.loc[cells["dataset"] == 0, "batch"].notna().all()
+    assert cells.loc[cells["dataset"] == 0, "batch"].isna().all()  # the heart file has no metadata table
+    assert cells.loc[cells["dataset"] == 1, "batch"].notna().all()
     embeddings = pq.read_table(out / "embeddings").to_pandas().sort_values("atlas_row")
     assert np.array_equal(read_embeddings(out / "embeddings")[np.argsort(embeddings.index)], embedding)
     checked_provenance(pq.read_schema(next((out / "cells").glob("*.parquet"))).metadata[b"scprint_atlas"], atlas)
@@ -102,14 +102,15 @@ def test_parquet_export_reads_back_with_pandas_and_duckdb(atlas_dir, expected, t
 
 def test_zarr_export_is_the_anndata_of_open_atlas(atlas_dir, expected, tmp_path):
     atlas, want, embedding = expected
-    out = tmp_path / "atlas.zarr"  # blocks of 2 parts (250 + 250, 100 + 250, 70): the later ones are appended
+    out = tmp_path / "atlas.zarr"  # blocks of 2 parts of up to 250 cells: the later ones are appended
     export_zarr(atlas, out, block_rows=300)
     adata = anndata.read_zarr(out)
     reference = atlas.to_anndata()
     assert adata.n_obs == 918 and np.array_equal(adata.obs_names, reference.obs_names)
     assert np.array_equal(adata.obsm["X_scprint2"], reference.obsm["X_scprint2"])
     same_columns(adata.obs, reference.obs, [c for c in reference.obs.columns if c != "batch"])
-    assert (adata.obs.loc[adata.obs["dataset"].to_numpy() == 1, "batch"] == "").all()
+    assert (adata.obs.loc[adata.obs["dataset"].to_numpy() == 0, "batch"] == "").all()
+    assert (adata.obs["batch"] == reference.obs["batch"].fillna("")).all()
     checked_provenance(adata.uns["scprint2"]["scprint_atlas"], atlas)
     store = zarr.open_group(out, mode="r")  # slicing reads only the chunks of those rows
     assert np.array_equal(store["obsm/X_scprint2"][600:700], embedding[600:700])

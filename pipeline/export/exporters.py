@@ -18,7 +18,7 @@ def export_atlas(atlas, to: str, out: str | Path) -> Path:
     Raises
     ------
     ValueError
-        ``to`` is not one of :data:`EXPORTERS`, or no part is done.
+        ``to`` is not one of :data:`EXPORTERS`, or no cell is embedded yet.
     FileExistsError
         ``out`` exists.
     ModuleNotFoundError
@@ -26,4 +26,6 @@ def export_atlas(atlas, to: str, out: str | Path) -> Path:
     """
     if to not in EXPORTERS:
         raise ValueError(f"--to must be one of {', '.join(EXPORTERS)}, not {to!r}")
+    if atlas.n_cells == 0:
+        raise ValueError(f"{atlas.out_dir}: no embedded cell in a done part yet; there is nothing to export")
     return EXPORTERS[to](atlas, out)

@@ -34,7 +34,7 @@ def export_parquet(atlas, out: str | Path) -> Path:
         (staging / "embeddings").mkdir()
         for record, cells, embs in part_tables(atlas, layout):
             name = f"part-{int(record.part):06d}.parquet"
-            table = pa.Table.from_pandas(cells, preserve_index=False)
+            table = typed_nulls(pa.Table.from_pandas(cells, preserve_index=False), layout.source_columns)
             pq.write_table(with_metadata(table, metadata), staging / "cells" / name)
             pq.write_table(with_metadata(embedding_table(cells, embs), metadata), staging / "embeddings" / name)
         datasets = pa.Table.from_pandas(atlas.datasets, preserve_index=False)
@@ -52,6 +52,15 @@ def embedding_table(cells, embs: np.ndarray) -> pa.Table:
         "atlas_row": pa.array(cells["atlas_row"].to_numpy()),
         "embedding": pa.FixedSizeListArray.from_arrays(values, width),
     })  # fmt: skip
+
+
+def typed_nulls(table: pa.Table, types: dict) -> pa.Table:
+    """The table with its all-null columns (a metadata column this part's dataset lacks) given their type in
+    ``types``, so every file of the dataset has one schema."""
+    for index, field in enumerate(table.schema):
+        if pa.types.is_null(field.type) and field.name in types:
+            table = table.set_column(index, field.name, table.column(index).cast(types[field.name]))
+    return table
 
 
 def with_metadata(table: pa.Table, metadata: dict) -> pa.Table:
