@@ -95,16 +95,16 @@ def predict_argument_problem(argv: list[str]) -> str | None:
         group, option = found.groups()
         options = re.findall(r"^\t(\S+)$", str(err), flags=re.MULTILINE)
         return f"{group}={option}: no such {group}{_did_you_mean(option, options)} (the options: {', '.join(options)})"
-    except OverrideParseException as err:
-        override = re.search(r"override '(.*)'", str(err))
-        return f"cannot read {override.group(1) if override else 'an override'}: {_quote_advice(err)}"
+    except OverrideParseException:
+        bad = next(o for o in overrides if not _parses(o))
+        return f"cannot read {bad}: {_quote_advice(bad)}"
     except HydraException as err:
         message = str(err)
         if found := re.search(r"Could not override '(.+?)'", message):
             key = found.group(1)
             return f"no key {key!r} in the config{_did_you_mean(key, _config_keys(compose_predict()))}; see scatlas predict --help"
         if found := re.search(r"Ambiguous value for argument '(.+?)'$", message, flags=re.MULTILINE):
-            return f"{found.group(1)}: a comma makes Hydra read a sweep; {_quote_advice(err)}"
+            return f"{found.group(1)}: a comma makes Hydra read a sweep; {_quote_advice(found.group(1))}"
         return _first_line(err)
     try:
         inputs = resolve_inputs(cfg.input if cfg.input else str(DEMO_DATASET))
@@ -119,9 +119,19 @@ def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0]
 
 
-def _quote_advice(err: Exception) -> str:
-    override = re.search(r"'(\S+?)=(.*)'", str(err))
-    key, value = override.groups() if override else ("input", "a,b.h5ad")
+def _parses(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        OverridesParser.create().parse_overrides([override])
+    except OverrideParseException:
+        return False
+    return True
+
+
+def _quote_advice(override: str) -> str:
+    key, _, value = override.partition("=")
     return f"quote the value for Hydra inside shell quotes: '{key}=\"{value}\"' (a list is {key}=[a,b])"
 
 
