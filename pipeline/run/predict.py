@@ -124,7 +124,7 @@ def run_predict(cfg: DictConfig, extra_lines: Callable[[Path, int], list[str]] |
 
     datasets, units = plan_run(cfg, model.config.genes)
     done = done_parts(out_dir, run)
-    if all(unit.part in done for unit in units):  # nothing to embed: no trainer, so no Lightning noise
+    if previous and all(unit.part in done for unit in units):  # a finished atlas: no trainer, no Lightning noise
         if any(ds.status == "failed" for ds in datasets):
             print_summary(out_dir, write_datasets_table(out_dir, datasets, units, run), units, run)
             return EXIT_DATASETS_FAILED
