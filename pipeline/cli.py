@@ -55,6 +55,10 @@ def predict(argv: list[str]) -> int:
     return exit_code["code"]
 
 
+#: Hydra flags whose command lines are Hydra's to check: help, config printing, sweeps (checked per job).
+HYDRA_HANDLES = ("help", "hydra_help", "cfg", "info", "shell_completion", "multirun", "experimental_rerun")
+
+
 def predict_argument_problem(argv: list[str]) -> str | None:
     """One line saying what is wrong with a ``predict`` command line, or None; nothing is created on disk.
 
@@ -75,15 +79,7 @@ def predict_argument_problem(argv: list[str]) -> str | None:
     parser = get_args_parser()
     parser.prog = "scatlas predict"
     args = parser.parse_args(argv)
-    if (
-        args.help
-        or args.hydra_help
-        or args.cfg
-        or args.info
-        or args.shell_completion
-        or args.multirun
-        or args.experimental_rerun
-    ):
+    if any(getattr(args, flag) for flag in HYDRA_HANDLES):
         return None
     overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]  # Hydra's own keys
     try:
@@ -96,7 +92,7 @@ def predict_argument_problem(argv: list[str]) -> str | None:
         options = re.findall(r"^\t(\S+)$", str(err), flags=re.MULTILINE)
         return f"{group}={option}: no such {group}{_did_you_mean(option, options)} (the options: {', '.join(options)})"
     except OverrideParseException:
-        bad = next(o for o in overrides if not _parses(o))
+        bad = next((o for o in overrides if not _parses(o)), " ".join(overrides))
         return f"cannot read {bad}: {_quote_advice(bad)}"
     except HydraException as err:
         message = str(err)
