@@ -66,8 +66,10 @@ def predict_argument_problem(argv: list[str]) -> str | None:
     ``scatlas predict``); the overrides are composed into the config, so a
     misspelled key, an unknown option of a group or an unquoted value is caught
     here, with the nearest valid name, instead of Hydra's multi-line advice and
-    exit 1; the inputs named must exist. Help, info and ``--multirun`` sweeps are
-    left to Hydra.
+    exit 1; a number must be given where the default is one (``seed=x`` would
+    otherwise fail after the atlas directory is made); the inputs named must
+    exist (one missing among others is a failed dataset). Help, info and
+    ``--multirun`` sweeps are left to Hydra.
     """
     from hydra._internal.utils import get_args_parser
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
@@ -102,6 +104,16 @@ def predict_argument_problem(argv: list[str]) -> str | None:
         if found := re.search(r"Ambiguous value for argument '(.+?)'$", message, flags=re.MULTILINE):
             return f"{found.group(1)}: a comma makes Hydra read a sweep; {_quote_advice(found.group(1))}"
         return _first_line(err)
+    groups = [o for o in overrides if o.split("=")[0] in ("model", "data", "trainer")]
+    defaults, values = _config_values(compose_predict(groups)), _config_values(cfg)
+    kinds = {bool: "true or false", int: "a whole number", float: "a number"}
+    for key, default in defaults.items():  # trainer.* are Lightning's: devices=auto is as valid as devices=4
+        if (
+            type(default) in kinds
+            and not key.startswith("trainer.")
+            and not isinstance(values.get(key), (type(default), int))
+        ):
+            return f"{key}={values.get(key)}: must be {kinds[type(default)]} (default {default}); see scatlas predict --help"
     try:
         inputs = resolve_inputs(cfg.input if cfg.input else str(DEMO_DATASET))
     except ValueError as err:
@@ -136,6 +148,17 @@ def _did_you_mean(name: str, valid: list[str]) -> str:
 
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _config_values(cfg) -> dict:
+    """Dotted key -> value of every leaf of a config (``data.batch_size`` -> 64), interpolations unresolved."""
+    from omegaconf import OmegaConf
+
+    def flatten(node, prefix):
+        for key, value in node.items():
+            yield from flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)]
+
+    return dict(flatten(OmegaConf.to_container(cfg, resolve=False), ""))
 
 
 def _config_keys(cfg, prefix: str = "") -> list[str]:

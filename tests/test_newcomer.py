@@ -95,6 +95,8 @@ def test_the_demo_speaks_to_users_its_hint_runs_as_printed_and_a_rerun_says_it_i
         (["trainer=default"], "trainer=default: no such trainer"),
         (["input=/data/a,b.h5ad"], """'input="/data/a,b.h5ad"'"""),
         (["input=x(1).h5ad"], """'input="x(1).h5ad"'"""),
+        (["seed=1.5"], "seed=1.5: must be a whole number (default 0)"),
+        (["model=medium", "model.max_len=2k"], "model.max_len=2k: must be a whole number (default 2000)"),
         (["input=/no/such/file.h5ad"], "input /no/such/file.h5ad does not exist"),
         (["input=/no/such/*.h5ad"], "input pattern /no/such/*.h5ad matches no file"),
     ],
@@ -107,6 +109,9 @@ def test_an_argument_error_is_one_line_naming_the_key_and_the_remedy(argv, expec
 def test_arguments_that_are_right_pass_the_check():
     assert predict_argument_problem([]) is None
     assert predict_argument_problem([f"input=[{BMMC},/no/such/file.h5ad]", "trainer=gpu", "hydra.verbose=true"]) is None
+    assert (
+        predict_argument_problem(["trainer=ddp", "trainer.devices=auto", "data.min_gene_coverage=0", "seed=7"]) is None
+    )
 
 
 def test_an_argument_error_exits_2_before_anything_is_created_and_usage_names_scatlas_predict(tmp_path):
