@@ -5,7 +5,7 @@ scatlas status ATLAS_DIR          units and cells done, failures, per-rank throu
 scatlas validate ATLAS_DIR        exit 0 only if the atlas is complete and consistent
 scatlas bench [--help]            data path, memory, forward and end-to-end throughput figures
 scatlas summarize ATLAS_DIR       tables of predicted labels per dataset, cell type x tissue/..., scores
-scatlas plot ATLAS_DIR            PNGs: PCA/UMAP of a cell sample, score histograms, cell type x tissue
+scatlas plot ATLAS_DIR            PNGs: PCA/UMAP of a cell sample, score histograms, cell type x tissue (or other class)
 scatlas probe ATLAS_DIR --label COLUMN   linear probe of the embeddings against a source obs column
 scatlas export ATLAS_DIR --to parquet|zarr|soma OUT   the cells, predictions and embeddings for duckdb/pandas,
                                   AnnData (zarr) or TileDB-SOMA
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -26,7 +28,7 @@ USAGE = __doc__
 
 
 def predict(argv: list[str]) -> int:
-    """Run the Hydra app ``predict`` with ``argv`` as its command line."""
+    """Run the Hydra app ``predict`` with ``argv`` as its command line, once the arguments are checked."""
     import hydra
     from omegaconf import DictConfig
 
@@ -34,6 +36,10 @@ def predict(argv: list[str]) -> int:
     from pipeline.analysis.heldout import heldout_report
     from pipeline.run.predict import run_predict
 
+    problem = predict_argument_problem(argv)
+    if problem:
+        print(f"scatlas predict: error: {problem}", file=sys.stderr)
+        return 2
     exit_code = {"code": 0}
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
@@ -49,6 +55,122 @@ def predict(argv: list[str]) -> int:
     sys.argv = [str(Path(__file__).with_name("__main__.py")), *argv]  # DDP re-launches this file on each rank
     app()
     return exit_code["code"]
+
+
+#: Hydra flags whose command lines are Hydra's to check: help, config printing, sweeps (checked per job).
+HYDRA_HANDLES = ("help", "hydra_help", "cfg", "info", "shell_completion", "multirun", "experimental_rerun")
+
+
+def predict_argument_problem(argv: list[str]) -> str | None:
+    """One line saying what is wrong with a ``predict`` command line, or None; nothing is created on disk.
+
+    Hydra's flags are parsed as Hydra does (a bad flag exits 2 with the usage of
+    ``scatlas predict``); the overrides are composed into the config, so a
+    misspelled key, an unknown option of a group or an unquoted value is caught
+    here, with the nearest valid name, instead of Hydra's multi-line advice and
+    exit 1; a number must be given where the default is one (``seed=x`` would
+    otherwise fail after the atlas directory is made); the inputs named must
+    exist (one missing among others is a failed dataset). Help, info and
+    ``--multirun`` sweeps are left to Hydra.
+    """
+    from hydra._internal.utils import get_args_parser
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+
+    from configs import compose_predict
+    from pipeline.plan.inputs import resolve_inputs
+    from pipeline.run.predict import DEMO_DATASET
+
+    parser = get_args_parser()
+    parser.prog = "scatlas predict"
+    args = parser.parse_args(argv)
+    if any(getattr(args, flag) for flag in HYDRA_HANDLES):
+        return None
+    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]  # Hydra's own keys
+    try:
+        cfg = compose_predict(overrides)
+    except MissingConfigException as err:
+        found = re.search(r"Could not find '(.+?)/(.+?)'", str(err))
+        if not found:
+            return _first_line(err)
+        group, option = found.groups()
+        options = re.findall(r"^\t(\S+)$", str(err), flags=re.MULTILINE)
+        return f"{group}={option}: no such {group}{_did_you_mean(option, options)} (the options: {', '.join(options)})"
+    except OverrideParseException:
+        bad = next((o for o in overrides if not _parses(o)), " ".join(overrides))
+        return f"cannot read {bad}: {_quote_advice(bad)}"
+    except HydraException as err:
+        message = str(err)
+        if found := re.search(r"Could not override '(.+?)'", message):
+            key = found.group(1)
+            return f"no key {key!r} in the config{_did_you_mean(key, _config_keys(compose_predict()))}; see scatlas predict --help"
+        if found := re.search(r"Ambiguous value for argument '(.+?)'$", message, flags=re.MULTILINE):
+            return f"{found.group(1)}: a comma makes Hydra read a sweep; {_quote_advice(found.group(1))}"
+        return _first_line(err)
+    groups = [o for o in overrides if o.split("=")[0] in ("model", "data", "trainer")]
+    defaults, values = _config_values(compose_predict(groups)), _config_values(cfg)
+    kinds = {bool: "true or false", int: "a whole number", float: "a number"}
+    for key, default in defaults.items():  # trainer.* are Lightning's: devices=auto is as valid as devices=4
+        if (
+            type(default) in kinds
+            and not key.startswith("trainer.")
+            and not isinstance(values.get(key), (type(default), int))
+        ):
+            return f"{key}={values.get(key)}: must be {kinds[type(default)]} (default {default}); see scatlas predict --help"
+    try:
+        inputs = resolve_inputs(cfg.input if cfg.input else str(DEMO_DATASET))
+    except ValueError as err:
+        return str(err)
+    if not any(os.path.exists(path) for path, _ in inputs):  # one missing among others is a failed dataset
+        return f"input {inputs[0][0]} does not exist{' (nor do the others)' if len(inputs) > 1 else ''}; check the path"
+    return None
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0]
+
+
+def _parses(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        OverridesParser.create().parse_overrides([override])
+    except OverrideParseException:
+        return False
+    return True
+
+
+def _quote_advice(override: str) -> str:
+    key, _, value = override.partition("=")
+    return f"quote the value for Hydra inside shell quotes: '{key}=\"{value}\"' (a list is {key}=[a,b])"
+
+
+def _did_you_mean(name: str, valid: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _config_values(cfg) -> dict:
+    """Dotted key -> value of every leaf of a config (``data.batch_size`` -> 64), interpolations unresolved."""
+    from omegaconf import OmegaConf
+
+    def flatten(node, prefix):
+        for key, value in node.items():
+            yield from flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)]
+
+    return dict(flatten(OmegaConf.to_container(cfg, resolve=False), ""))
+
+
+def _config_keys(cfg, prefix: str = "") -> list[str]:
+    """Every dotted key of a config: ``input``, ``data.counts``, ``trainer.devices``, ..."""
+    keys = []
+    for key, value in cfg.items():
+        keys.append(f"{prefix}{key}")
+        if hasattr(value, "items"):
+            keys += _config_keys(value, f"{prefix}{key}.")
+    return keys
 
 
 def status(argv: list[str]) -> int:
@@ -124,13 +246,16 @@ def plot(argv: list[str]) -> int:
 
     parser = _analysis_parser("plot", "Write PNGs: a PCA (or UMAP) of a random sample of cells coloured by "
                               "predicted cell type and by dataset, the top-1/2/3 score histograms of every "
-                              "class, and a predicted cell type x tissue heatmap.", "plots")  # fmt: skip
+                              "class, and a heatmap of predicted cell type x tissue (or the model's next class; "
+                              "left out, saying so, when one axis holds a single label).", "plots")  # fmt: skip
     parser.add_argument("--cells", type=int, default=5000, help="cells drawn for the PCA/UMAP (default 5000)")
     parser.add_argument("--umap", action="store_true", help="UMAP instead of PCA (umap-learn; ~30 s more to compile)")
     args, atlas = _open(parser, argv)
-    paths = plot_atlas(atlas, args.out or atlas.out_dir / "plots", n_cells=args.cells,
-                       method="umap" if args.umap else "pca")  # fmt: skip
+    paths, notes = plot_atlas(atlas, args.out or atlas.out_dir / "plots", n_cells=args.cells,
+                              method="umap" if args.umap else "pca")  # fmt: skip
     print("\n".join(map(str, paths)))
+    for note in notes:
+        print(note, file=sys.stderr)
     return 0
 
 

@@ -76,3 +76,8 @@ def test_predict_with_the_demo_model_gets_held_out_cells_right(tmp_path):
     assert measured["cell_type_top1"] >= MIN_TOP1 > 3 * measured["cell_type_top1_chance"]
     assert measured["organism_top1"] == 1.0
     assert "held-out cells" in proc.stdout and "cell type top-1" in proc.stdout
+    # the demo model has no tissue class: its heatmap crosses cell type with organism, human and mouse here
+    plot = run([sys.executable, "-m", "pipeline", "plot", str(out), "--cells", "200"])
+    heatmap = out / "plots" / "cell_type_by_organism.png"
+    assert plot.returncode == 0 and str(heatmap) in plot.stdout.split(), plot.stderr[-3000:]
+    assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

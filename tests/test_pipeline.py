@@ -171,7 +171,8 @@ def test_resume_skips_done_units_and_keeps_part_ids(tmp_path):
     first = load_state(out)
     digests = {p: r["files"] for p, r in first.done.items()}
     again = scatlas("predict", f"input={BMMC}", f"out_dir={out}", "data.num_workers=0", "data.cells_per_unit=200")
-    assert "0 cells to embed" in again.stderr + again.stdout
+    assert again.stdout.splitlines() == [f"atlas {out} is complete, nothing to do: 600 cells embedded (run 0, 3 units)"]
+    assert "DataLoader" not in again.stderr
     assert {p: r["files"] for p, r in load_state(out).done.items()} == digests
     changed = scatlas("predict", f"input={BMMC}", f"out_dir={out}", "model.max_len=128", check=False)
     assert changed.returncode == 2 and "other settings (max_len)" in changed.stderr

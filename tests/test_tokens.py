@@ -124,7 +124,9 @@ def test_held_dataset_gives_the_tokens_of_reads_from_the_file(tmp_path, monkeypa
     from pipeline.tokens.neighbors import neighbor_chunks, save_neighbors
 
     config = build_model("tiny").config
-    plan = plan_dataset(0, str(DATA / name), config.genes, {"counts": "auto", "organism": None, "min_gene_coverage": 0})
+    plan = plan_dataset(
+        0, str(DATA / name), config.genes, {"counts": "auto", "organism": None, "min_gene_coverage": 0, "max_len": 256}
+    )
     save_neighbors(layout.neighbors_path(tmp_path, 0), neighbor_chunks(plan.matrix))
     unit = Unit(0, 0, 0, min(plan.n_cells, 2000))
 
@@ -162,7 +164,9 @@ def test_a_large_dense_dataset_is_read_from_a_sparse_copy_with_the_same_tokens(t
     shutil.copyfile(DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad", path)
 
     def plan_and_batches(out):
-        plan = plan_dataset(0, str(path), config.genes, {"counts": "auto", "organism": None, "min_gene_coverage": 0})
+        plan = plan_dataset(
+            0, str(path), config.genes, {"counts": "auto", "organism": None, "min_gene_coverage": 0, "max_len": 256}
+        )
         copied = data.ensure_sparse_copy(plan, layout.sparse_copy_path(out, 0))
         save_neighbors(layout.neighbors_path(out, 0), neighbor_chunks(plan.matrix))
         items = data.UnitBatches([Unit(0, 0, 0, 200)], {0: plan}, vocabulary_offsets=config.organism_offsets,

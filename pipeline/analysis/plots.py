@@ -1,4 +1,4 @@
-"""``scatlas plot``: PCA/UMAP of a cell sample, score histograms, a cell type x tissue heatmap."""
+"""``scatlas plot``: PCA/UMAP of a cell sample, score histograms, a cell type x tissue (or other class) heatmap."""
 
 from __future__ import annotations
 
@@ -15,14 +15,17 @@ from pipeline.atlas.reader import Atlas
 
 
 def plot_atlas(atlas: Atlas, out_dir: str | Path, tables: dict[str, pd.DataFrame] | None = None,
-               n_cells: int = 5000, method: str = "pca", seed: int = 0) -> list[Path]:  # fmt: skip
-    """Write the atlas plots as PNGs under ``out_dir``; returns their paths.
+               n_cells: int = 5000, method: str = "pca", seed: int = 0) -> tuple[list[Path], list[str]]:  # fmt: skip
+    """Write the atlas plots as PNGs under ``out_dir``; returns their paths and a note per plot left out.
 
     - ``embedding_{method}.png``: a PCA (or UMAP) of ``n_cells`` cells drawn at
       random, coloured by predicted (top-1) cell type and by dataset;
     - ``score_histograms.png``: per class, the scores of the top-1, top-2 and
       top-3 labels;
-    - ``cell_type_by_tissue.png``: cells per (top-1 cell type, top-1 tissue).
+    - ``cell_type_by_{other}.png``: cells per (top-1 cell type, top-1 tissue),
+      or of the model's first other class when it predicts no tissue; left out,
+      with a note, when either axis holds a single label (it would only repeat
+      the other's counts).
 
     ``tables`` are those of :func:`summary_tables` (computed when not given).
     """
@@ -34,11 +37,36 @@ def plot_atlas(atlas: Atlas, out_dir: str | Path, tables: dict[str, pd.DataFrame
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = summary_tables(atlas) if tables is None else tables
-    return [
+    paths = [
         _plot_embedding(atlas, out_dir / f"embedding_{method}.png", n_cells, method, seed),
         _plot_score_histograms(tables["score_histograms"], out_dir / "score_histograms.png"),
-        _plot_cell_type_by_tissue(atlas, tables["cell_type_by_class"], out_dir / "cell_type_by_tissue.png"),
     ]
+    notes = []
+    crossed = _cell_type_by_other(atlas, tables["cell_type_by_class"])
+    if crossed is None:
+        notes.append("cell type x another class: not plotted, the model predicts no class besides cell type")
+    else:
+        other, matrix = crossed
+        path = out_dir / f"cell_type_by_{other}.png"
+        if min(matrix.shape) > 1:
+            paths.append(_plot_cell_type_by_other(atlas, other, matrix, path))
+        else:
+            single = matrix.columns[0] if matrix.shape[1] == 1 else matrix.index[0]
+            path.unlink(missing_ok=True)  # a plot of an earlier run would now be out of date
+            notes.append(f"{path.name}: not plotted, every cell has the same top-1 "
+                         f"{'cell type' if matrix.shape[0] == 1 else other.replace('_', ' ')} ({single})")  # fmt: skip
+    return paths, notes
+
+
+def _cell_type_by_other(atlas: Atlas, crosstab: pd.DataFrame) -> tuple[str, pd.DataFrame] | None:
+    """The class crossed with cell type (tissue, else the first other class) and its cells per pair of labels."""
+    others = list(dict.fromkeys(crosstab["class"]))
+    if not others:
+        return None
+    other = "tissue" if "tissue" in others else others[0]
+    mine = crosstab[crosstab["class"] == other]
+    matrix = mine.pivot_table(index="cell_type_name", columns="name", values="n_cells", aggfunc="sum", fill_value=0)
+    return other, matrix
 
 
 def _plot_embedding(atlas: Atlas, path: Path, n_cells: int, method: str, seed: int) -> Path:
@@ -124,17 +152,11 @@ def _plot_score_histograms(histograms: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def _plot_cell_type_by_tissue(atlas: Atlas, crosstab: pd.DataFrame, path: Path, max_rows: int = 30,
-                              max_columns: int = 20) -> Path:  # fmt: skip
+def _plot_cell_type_by_other(atlas: Atlas, other: str, matrix: pd.DataFrame, path: Path, max_rows: int = 30,
+                             max_columns: int = 20) -> Path:  # fmt: skip
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    try:
-        other = short_name(atlas.class_name("tissue"))
-    except ValueError:
-        other = next((c for c in crosstab["class"].unique()), None)
-    mine = crosstab[crosstab["class"] == other]
-    matrix = mine.pivot_table(index="cell_type_name", columns="name", values="n_cells", aggfunc="sum", fill_value=0)
     matrix = matrix.loc[matrix.sum(axis=1).sort_values(ascending=False).index[:max_rows],
                         matrix.sum(axis=0).sort_values(ascending=False).index[:max_columns]]  # fmt: skip
     counts = matrix.to_numpy()
@@ -148,6 +170,7 @@ def _plot_cell_type_by_tissue(atlas: Atlas, crosstab: pd.DataFrame, path: Path, 
             ax.text(j, i, f"{value:,}", ha="center", va="center", fontsize=7,
                     color="black" if norm(value) > 0.6 else "white")  # fmt: skip
     cell_type = short_name(cell_type_class(atlas)).replace("_", " ")
+    other = other.replace("_", " ")
     ax.set_xlabel(f"predicted {other} (top-1)")
     ax.set_ylabel(f"predicted {cell_type} (top-1)")
     figure.colorbar(image, ax=ax, label="cells")

@@ -82,9 +82,10 @@ def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], sett
     """Open one dataset, work out its organism and gene mapping, join its metadata; failures are recorded, not raised.
 
     ``settings`` are the data settings (``counts``, ``organism``,
-    ``min_gene_coverage``, ``metadata``, ``soma_filter``), with a catalog row's
-    overrides and ``dataset_id``. A TileDB-SOMA experiment's cells get their
-    ``soma_joinid`` in the cell table.
+    ``min_gene_coverage``, ``metadata``, ``soma_filter``, ``max_len``: a panel
+    of fewer genes is warned about), with a catalog row's overrides and
+    ``dataset_id``. A TileDB-SOMA experiment's cells get their ``soma_joinid``
+    in the cell table.
     """
     plan = DatasetPlan(dataset=dataset, path=path, dataset_id=settings.get("dataset_id") or "",
                        metadata=settings.get("metadata") or "", soma_filter=settings.get("soma_filter") or "")  # fmt: skip
@@ -138,10 +139,11 @@ def _map_genes(plan: DatasetPlan, matrix: CountMatrix, vocabulary: dict[str, lis
             f"({plan.vocab_coverage:.2%} of {len(vocabulary[gene_organism])}; data.min_gene_coverage="
             f"{settings['min_gene_coverage']}); check the gene ids ({ids.source})",
         )
-    if plan.vocab_coverage < 0.2:
+    if n_covered < settings["max_len"]:
         plan.warnings.append(
-            f"small gene panel: {n_covered} vocabulary genes ({plan.vocab_coverage:.1%} of the model's {gene_organism} "
-            "genes); embeddings of such cells are less informative"
+            f"small gene panel: {n_covered} vocabulary genes, fewer than the {settings['max_len']} gene tokens a "
+            "cell shows the model (model.max_len): every cell is filled up with genes the panel did not measure, "
+            "shown as unexpressed; embeddings of such cells are less informative"
         )
     plan.gene_columns, plan.n_vocab = gene_columns, len(vocabulary[gene_organism])
     plan.cell_organisms = organisms

@@ -99,7 +99,7 @@ def fast_fp32_matmul(dim: int, n_heads: int, n_tokens: int) -> bool:
     matmul.fp32_precision = "bf16"
     error, bf16_seconds = fp32_matmul_probe(dim, n_heads, n_tokens)
     keep = error <= FP32_MATMUL_RTOL and bf16_seconds < 0.9 * fp32_seconds
-    log.info("fp32 matmuls on bf16 units: %.2g from float64, %.2gx the time of fp32 units: %s", error,
+    log.debug("fp32 matmuls on bf16 units: %.2g from float64, %.2gx the time of fp32 units: %s", error,
              bf16_seconds / fp32_seconds, "used" if keep else "not used")  # fmt: skip
     if not keep:
         matmul.fp32_precision = previous

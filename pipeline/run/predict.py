@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +22,7 @@ from pathlib import Path
 import lightning as L
 import pandas as pd
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
@@ -121,6 +125,16 @@ def run_predict(cfg: DictConfig, extra_lines: Callable[[Path, int], list[str]] |
         )
 
     datasets, units = plan_run(cfg, model.config.genes)
+    done = done_parts(out_dir, run)
+    if previous and all(unit.part in done for unit in units):  # a finished atlas: no trainer, no Lightning noise
+        if any(ds.status == "failed" for ds in datasets):
+            print_summary(out_dir, write_datasets_table(out_dir, datasets, units, run), units, run)
+            return EXIT_DATASETS_FAILED
+        if rank_zero_only.rank == 0:
+            n_cells = sum(int(record["n_cells"]) for record in done.values())
+            print(f"atlas {out_dir} is complete, nothing to do: {n_cells:,} cells embedded (run {run}, "
+                  f"{len(units)} units)")  # fmt: skip
+        return EXIT_OK
     datamodule = instantiate(cfg.data)
     datamodule.attach(
         units=units, datasets=datasets, out_dir=out_dir, run=run, seed=int(cfg.seed),
@@ -160,7 +174,8 @@ def run_predict(cfg: DictConfig, extra_lines: Callable[[Path, int], list[str]] |
 
 
 def print_summary(out_dir: Path, table: pd.DataFrame, units: list[Unit], run: int, extra_lines=None) -> None:
-    console = Console(stderr=False)
+    """The end-of-run report; lines are never wrapped, so the commands it ends with can be pasted."""
+    console = Console(stderr=False, soft_wrap=True)
     done = done_parts(out_dir, run)
     console.print(f"[bold]atlas[/bold] {out_dir.resolve()}  (run {run})")
     console.print(
@@ -169,7 +184,21 @@ def print_summary(out_dir: Path, table: pd.DataFrame, units: list[Unit], run: in
         f"datasets done {(table.status == 'done').sum()}/{len(table)}"
     )
     for row in table[table.status == "failed"].itertuples():
-        console.print(f"[red]failed[/red] {row.error}")
+        console.print(f"[red]failed[/red] {row.error}", highlight=False)
     for line in extra_lines(out_dir, run) if extra_lines else []:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
-    console.print(f"read it: scatlas status {out_dir}  |  scatlas validate {out_dir}")
+        console.print(line, markup=False, highlight=False)
+    command, atlas = scatlas_command(), shlex.quote(str(out_dir))
+    print(f"read it:  {command} status {atlas}\n          {command} validate {atlas}")
+
+
+def scatlas_command() -> str:
+    """``scatlas`` as this process was started, for a user to paste: ``scatlas`` when that is the command
+    on PATH, else the path that was typed (``.venv/bin/scatlas``) or ``<python> -m pipeline``."""
+    argv = sys.orig_argv  # the command line as typed; the CLI rewrites sys.argv for DDP
+    if "-m" in argv[:-1] and argv[argv.index("-m") + 1].startswith("pipeline"):
+        return shlex.join(argv[: argv.index("-m")] + ["-m", "pipeline"])
+    script = next((arg for arg in argv[1:] if not arg.startswith("-")), "scatlas")
+    on_path = shutil.which("scatlas")
+    if on_path and os.path.exists(script) and os.path.samefile(on_path, script):
+        return "scatlas"
+    return shlex.quote(script)
