@@ -42,7 +42,7 @@ HUMAN, MOUSE = "NCBITaxon:9606", "NCBITaxon:10090"
 
 # Stand-ins for the modules scprint2 imports but never uses here, and the import itself, are
 # shared with the upstream benchmark script (which ships in the package and runs under this venv).
-_spec = importlib.util.spec_from_file_location("upstream_forward", REPO / "pipeline" / "upstream_forward.py")
+_spec = importlib.util.spec_from_file_location("upstream_forward", REPO / "pipeline" / "tools" / "upstream_forward.py")
 upstream_forward = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(upstream_forward)
 import_upstream = upstream_forward.import_upstream
