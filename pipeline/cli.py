@@ -97,7 +97,7 @@ def _out_dir_problem(argv: list[str]) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return environment_error(OSError(errno.EACCES, os.strerror(errno.EACCES), str(existing)), out_dir)
     space = os.statvfs(existing)
-    if space.f_bavail * space.f_frsize < 1 << 20:
+    if space.f_bavail * space.f_frsize < 1 << 16:  # less than Hydra writes before the run starts
         return environment_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(existing)), out_dir)
     return None
 
