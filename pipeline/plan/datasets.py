@@ -118,7 +118,7 @@ def input_identity(path: str, matrix: CountMatrix, known: dict | None) -> tuple[
     ``known`` identity, so an unchanged input costs one ``stat``.
     """
     size, mtime_ns = dataset_stat(path)
-    if known and known.get("fingerprint") and (known.get("size"), known.get("mtime_ns")) == (size, mtime_ns):
+    if known and known.get("fingerprint") is not None and (known["size"], known["mtime_ns"]) == (size, mtime_ns):
         return size, mtime_ns, known["fingerprint"]
     return size, mtime_ns, matrix.fingerprint()
 

@@ -108,9 +108,11 @@ def input_change(ds: DatasetPlan, known: dict | None) -> str:
         return ""  # new, planned by an older version, or unreadable now (then it fails by name)
     if ds.size != known["size"]:
         return f"{int(known['size']):,} bytes then, {ds.size:,} now"
-    if ds.fingerprint != known["fingerprint"] or not ds.fingerprint:
-        return "its counts differ"
-    return ""
+    if ds.mtime_ns == known["mtime_ns"]:
+        return ""
+    if not ds.fingerprint:  # its first or last rows cannot be read: nothing to compare
+        return "modified, and its counts cannot be compared"
+    return "its counts differ" if ds.fingerprint != known["fingerprint"] else ""
 
 
 def forget_units(out_dir: Path, run: int, units: list[Unit]) -> None:
