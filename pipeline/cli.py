@@ -15,6 +15,7 @@ scatlas train-demo [--out-dir DIR]      re-train the shipped tiny demo checkpoin
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -34,21 +35,38 @@ def predict(argv: list[str]) -> int:
 
     from models import CheckpointError
     from pipeline.analysis.heldout import heldout_report
-    from pipeline.run.predict import run_predict
+    from pipeline.io.files import LockHeld, environment_error
+    from pipeline.run.predict import EXIT_ENVIRONMENT, EXIT_IN_USE, run_predict
 
     problem = predict_argument_problem(argv)
     if problem:
         print(f"scatlas predict: error: {problem}", file=sys.stderr)
         return 2
     exit_code = {"code": 0}
+    problem = _out_dir_problem(argv)
+    if problem:  # before Hydra, which would fail creating its log folder there with a traceback
+        print(f"scatlas predict: error: {problem}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    logging.raiseExceptions = False  # a log line that cannot be written (full disk) is dropped, not a traceback
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
     def app(cfg: DictConfig) -> None:
         try:
             exit_code["code"] = run_predict(cfg, extra_lines=heldout_report)
-        except (FileNotFoundError, ValueError, CheckpointError) as err:
+        except LockHeld as err:
             print(f"scatlas predict: error: {err}", file=sys.stderr)
-            exit_code["code"] = 2
+            exit_code["code"] = EXIT_IN_USE
+        except Exception as err:
+            line = environment_error(err, cfg.out_dir)
+            if line is not None:
+                _log_traceback(err)
+                print(f"scatlas predict: error: {line}", file=sys.stderr)
+                exit_code["code"] = EXIT_ENVIRONMENT
+            elif isinstance(err, (FileNotFoundError, ValueError, CheckpointError)):
+                print(f"scatlas predict: error: {err}", file=sys.stderr)
+                exit_code["code"] = 2
+            else:
+                raise
         if exit_code["code"]:  # also what a Hydra launcher (submitit) sees as the job's status
             sys.exit(exit_code["code"])
 
@@ -173,6 +191,40 @@ def _config_keys(cfg, prefix: str = "") -> list[str]:
     return keys
 
 
+def _log_traceback(err: BaseException) -> None:
+    """Write ``err``'s traceback to the run's log files only (Hydra's ``<out_dir>/logs/<time>/*.log``), not the terminal."""
+    record = logging.LogRecord("scatlas", logging.ERROR, __file__, 0, "the run stopped on this error:", None,
+                               (type(err), err, err.__traceback__))  # fmt: skip
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _out_dir_problem(argv: list[str]) -> str | None:
+    """One line if ``out_dir`` (the last ``out_dir=`` of ``argv``, else the default) cannot hold an atlas.
+
+    Checked before anything is created: an existing file of that name, a
+    folder the user may not write, or a file system with no space left.
+    """
+    from pipeline.io.files import environment_error
+
+    values = [arg.split("=", 1)[1] for arg in argv if arg.startswith("out_dir=")]
+    if "-m" in argv or "--multirun" in argv or (values and ("${" in values[-1] or "," in values[-1])):
+        return None  # a sweep or an interpolation: the launcher's jobs check their own
+    out_dir = Path(values[-1] if values else "atlas")
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():  # out_dir, or a folder above it, is a file
+        return environment_error(OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing)), out_dir)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return environment_error(OSError(errno.EACCES, os.strerror(errno.EACCES), str(existing)), out_dir)
+    space = os.statvfs(existing)
+    if space.f_bavail * space.f_frsize < 1 << 16:  # less than Hydra writes before the run starts
+        return environment_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(existing)), out_dir)
+    return None
+
+
 def status(argv: list[str]) -> int:
     from pipeline.atlas.state import load_state, status_report
 
@@ -182,18 +234,33 @@ def status(argv: list[str]) -> int:
 
 
 def validate(argv: list[str]) -> int:
-    from pipeline.atlas.state import load_state
-    from pipeline.atlas.state import validate as check
+    from pipeline.atlas.layout import lock_path
+    from pipeline.atlas.manifest import forget_part
+    from pipeline.atlas.state import check_atlas, load_state
+    from pipeline.io.files import LockHeld, hold_lock
 
     args = _atlas_args("validate", argv)
     n_invalid = 0
     for atlas_dir in args.atlas_dirs:
-        problems = check(atlas_dir, args.run)
+        problems, damaged = check_atlas(atlas_dir, args.run)
         state = load_state(atlas_dir, args.run)
         for row in state.datasets[state.datasets.status == "failed"].itertuples():
             print(f"note: dataset {row.dataset} failed and is not in the atlas: {row.error}")
         for problem in problems:
             print(f"invalid: {problem}")
+        command = _predict_command(state)
+        if damaged and args.repair:
+            try:
+                with hold_lock(lock_path(atlas_dir), atlas_dir):  # not while a run writes the atlas
+                    for part in damaged:
+                        forget_part(atlas_dir, state.run, part)
+            except LockHeld as err:
+                print(f"scatlas validate: error: {err}", file=sys.stderr)
+                return 5
+            print(f"repair: {len(damaged)} damaged parts ({', '.join(map(str, damaged))}) are pending again; embed "
+                  f"them: {command}")  # fmt: skip
+        elif damaged:
+            print(f"repair: scatlas validate {atlas_dir} --repair && {command}")
         if problems:
             print(f"{atlas_dir}: INVALID ({len(problems)} problems)")
             n_invalid += 1
@@ -204,6 +271,13 @@ def validate(argv: list[str]) -> int:
     return 1 if n_invalid else 0
 
 
+def _predict_command(state) -> str:
+    """The command of the latest attempt of the atlas's run (as ``atlas.json`` records it)."""
+    run = next((r for r in state.description.get("runs", []) if r["run"] == state.run), {})
+    commands = [a["command"] for a in run.get("attempts", []) if a.get("command")]
+    return commands[-1] if commands else f"the scatlas predict command that made {state.out_dir}"
+
+
 def _atlas_args(command: str, argv: list[str]) -> argparse.Namespace:
     descriptions = {
         "status": "Units and cells done, failures, per-rank throughput and ETA of atlas directories.",
@@ -212,6 +286,9 @@ def _atlas_args(command: str, argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"scatlas {command}", description=descriptions[command])
     parser.add_argument("atlas_dirs", nargs="+", metavar="ATLAS_DIR", help="out_dir of a scatlas predict run")
     parser.add_argument("--run", type=int, default=None, help="run counter (default: the latest run)")
+    if command == "validate":
+        parser.add_argument("--repair", action="store_true", help="make damaged parts (files missing, changed or "
+                            "unreadable) pending, so that the next scatlas predict embeds them again")  # fmt: skip
     return parser.parse_args(argv)
 
 

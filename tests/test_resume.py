@@ -65,8 +65,10 @@ def test_a_failing_write_marks_nothing_done_and_leaves_no_corrupt_file(tmp_path,
     big_parts = ["data.cells_per_unit=400"]  # parts of 400 cells need writes larger than the limit
     proc = subprocess.run(predict_args(out, extra=big_parts), capture_output=True, text=True,
                           preexec_fn=limit_file_size)  # fmt: skip
-    assert proc.returncode != 0
-    assert "File too large" in proc.stderr
+    assert proc.returncode == 4, proc.stderr[-3000:]  # one line naming the file, the cause and the remedy
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("scatlas")]
+    assert line.startswith(f"scatlas predict: error: {out}/") and "File too large" in line and "re-run" in line
+    assert "Traceback" not in proc.stderr
     assert not list((out / "manifest" / "run_0").glob("part_*.done.json"))
     assert not list(out.glob("step_*_embs.npz"))  # the failed write left nothing under a final name
     assert not list(out.rglob(".*.tmp"))

@@ -4,13 +4,16 @@ made by ``scatlas train-demo`` (``<name>.heldout.csv`` next to it).
 
 from __future__ import annotations
 
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.atlas.state import load_state, read_part
+from pipeline.atlas.layout import part_file
+from pipeline.atlas.state import load_state
+from pipeline.io.files import memmap_npz
 
 CELL_TYPE, ORGANISM = "cell_type_ontology_term_id", "organism_ontology_term_id"
 
@@ -60,12 +63,14 @@ def describe(metrics: dict) -> str:
 
 
 def heldout_report(out_dir: Path, run: int) -> list[str]:
-    """What ``scatlas predict`` adds to its summary for a checkpoint made by this script.
+    """What ``scatlas predict`` adds to its summary for a checkpoint made by ``scatlas train-demo``.
 
     Empty unless the atlas's checkpoint has its held-out split
     (``<name>.heldout.csv``) next to it and the atlas embedded cells of those
     files. Otherwise: the most frequent predicted cell types of those files'
-    cells, and the accuracy on their held-out cells, which training never saw.
+    cells, counted from the done markers, and the accuracy on their held-out
+    cells, which training never saw. Only the held-out rows of those files'
+    parts are read (memory-mapped), never the whole atlas.
     """
     state = load_state(out_dir, run)
     checkpoint = state.description["model"].get("checkpoint")
@@ -76,24 +81,45 @@ def heldout_report(out_dir: Path, run: int) -> list[str]:
     split = pd.read_csv(split_path, keep_default_na=False)
     files = {row.dataset: Path(row.path).name for row in state.datasets.itertuples()}
     files = {dataset: name for dataset, name in files.items() if name in set(split.file)}
-    parts = [read_part(out_dir, record) for record in state.done.values() if record["dataset"] in files]
-    if not parts:
+    records = [record for record in state.done.values() if record["dataset"] in files and "top1" in record]
+    if not records:
         return []
-    cells = pd.concat([p["cells"] for p in parts], ignore_index=True)
-    top3 = np.concatenate([p["top3"] for p in parts])
-    top = {c: top3[:, classes[c]["start"] : classes[c]["start"] + classes[c]["k"]] for c in (CELL_TYPE, ORGANISM)}
-    decoders = {c: {int(code): term for code, term in state.description["labels"][c].items()} for c in top}
+    decoders = {c: {int(code): term for code, term in state.description["labels"][c].items()} for c in classes}
     table = cell_type_table()
     names = dict(zip(table.term, table.cl_name.where(table.cl_name != "", table.term)))
-    predicted = pd.Series([decoders[CELL_TYPE][int(code)] for code in top[CELL_TYPE][:, 0]]).value_counts()
+    predicted = Counter()
+    for record in records:
+        predicted.update({decoders[CELL_TYPE][int(code)]: n for code, n in record["top1"][CELL_TYPE].items()})
     lines = [
-        f"most predicted cell types ({len(cells)} cells): "
-        + ", ".join(f"{names.get(term, term)} {n}" for term, n in predicted.head(6).items())
+        f"most predicted cell types ({sum(r['n_cells'] for r in records)} cells): "
+        + ", ".join(f"{names.get(term, term)} {n}" for term, n in predicted.most_common(6))
     ]
-    cells["file"] = cells.dataset.map(files)
-    cells["position"] = np.arange(len(cells))
-    test = cells.merge(split, on=["file", "row", "obs_name"])
+    try:
+        test, top = _heldout_cells(out_dir, records, files, split, classes)
+    except (OSError, ValueError) as err:  # a damaged part: validate names it and says how to repair it
+        return [*lines, f"held-out cells: not read ({' '.join(str(err).split())}); run scatlas validate {out_dir}"]
     if len(test):
-        metrics = accuracy(test, {c: v[test.position.to_numpy()] for c, v in top.items()}, decoders)
+        metrics = accuracy(test, top, decoders)
         lines.append(f"held-out cells ({len(test)}, not used in training; {split_path.name}): {describe(metrics)}")
     return lines
+
+
+def _heldout_cells(out_dir: Path, records: list[dict], files: dict[int, str], split: pd.DataFrame, classes: dict):
+    """The held-out cells among ``records``' parts (their split columns) and their top labels per class."""
+    tests, tops = [], {c: [] for c in (CELL_TYPE, ORGANISM)}
+    for record in records:
+        cells = pd.read_parquet(Path(out_dir) / part_file(record["stem"], "cells"), columns=["row", "obs_name"])
+        cells["file"] = files[record["dataset"]]
+        cells["position"] = np.arange(len(cells))
+        test = cells.merge(split, on=["file", "row", "obs_name"])
+        if not len(test):
+            continue
+        top3 = memmap_npz(Path(out_dir) / part_file(record["stem"], "top3"), "top3")
+        rows = np.asarray(top3[np.sort(test.position.to_numpy())])
+        test = test.sort_values("position")
+        for c in tops:
+            tops[c].append(rows[:, classes[c]["start"] : classes[c]["start"] + classes[c]["k"]])
+        tests.append(test)
+    if not tests:
+        return pd.DataFrame(), {}
+    return pd.concat(tests, ignore_index=True), {c: np.concatenate(v) for c, v in tops.items()}

@@ -4,7 +4,8 @@
 
     atlas.json                                   blocks, classes, label vocabulary, model, config, runs
     datasets.parquet                             one row per input dataset (status, error, ...)
-    manifest/units.parquet                       the plan: part id -> (dataset, row range)
+    manifest/units.parquet                       the plan: part id -> (dataset, row range), each input's identity
+    manifest/lock                                held (flock) by the run writing the atlas: its host and pid
     manifest/run_{run}/part_{part}.done.json     written last, after the part's files
     manifest/run_{run}/part_{part}.failed.json   a unit that could not be embedded
     neighbors/dataset_{id}.npz                   a dataset's kNN graph (metacell models)
@@ -35,6 +36,11 @@ def datasets_path(out_dir) -> Path:
 
 def units_path(out_dir) -> Path:
     return Path(out_dir) / "manifest" / "units.parquet"
+
+
+def lock_path(out_dir) -> Path:
+    """The file a run holds an exclusive OS lock on while it writes the atlas (never replaced, only rewritten)."""
+    return Path(out_dir) / "manifest" / "lock"
 
 
 def marker_path(out_dir, run: int, part: int, kind: str) -> Path:

@@ -44,24 +44,36 @@ def column_blocks(config) -> tuple[list[dict], list[dict]]:
     return blocks, classes
 
 
-def read_units(out_dir) -> tuple[list[Unit], dict[int, str]]:
-    """The stored plan: its units and the path of every dataset id it used."""
+#: What the stored plan records of each input: its path and identity (see ``pipeline.plan.datasets.input_identity``).
+INPUT_COLUMNS = ("path", "size", "mtime_ns", "fingerprint")
+
+
+def read_units(out_dir) -> tuple[list[Unit], dict[int, dict]]:
+    """The stored plan: its units, and the ``path`` and identity of every dataset it used (:data:`INPUT_COLUMNS`).
+
+    A plan stored by an older version has no identity: ``size``, ``mtime_ns``
+    and ``fingerprint`` are then None.
+    """
     path = units_path(out_dir)
     if not path.exists():
         return [], {}
     table = pd.read_parquet(path)
     units = [Unit(int(r.part), int(r.dataset), int(r.start), int(r.stop)) for r in table.itertuples()]
-    return units, dict(zip(table.dataset.astype(int), table.path))
+    inputs = {}
+    for row in table.drop_duplicates("dataset").itertuples():
+        inputs[int(row.dataset)] = {c: getattr(row, c, None) for c in INPUT_COLUMNS}
+    return units, inputs
 
 
-def write_units(out_dir, units: list[Unit], paths: dict[int, str]) -> None:
+def write_units(out_dir, units: list[Unit], inputs: dict[int, dict]) -> None:
+    """Store the plan: one row per unit, with its dataset's path and identity (``inputs``, as :func:`read_units`)."""
     table = pd.DataFrame(
         {
             "part": [u.part for u in units],
             "dataset": [u.dataset for u in units],
-            "path": [paths[u.dataset] for u in units],
             "start": [u.start for u in units],
             "stop": [u.stop for u in units],
+            **{c: [inputs[u.dataset][c] for u in units] for c in INPUT_COLUMNS},
         }
     )
     atomic_write(units_path(out_dir), lambda tmp: table.to_parquet(tmp, index=False))
@@ -88,6 +100,32 @@ def _part_records(out_dir, run: int, kind: str) -> dict[int, dict]:
 def mark_done(out_dir, run: int, record: dict) -> None:
     marker_path(out_dir, run, record["part"], "failed").unlink(missing_ok=True)
     write_json(marker_path(out_dir, run, record["part"], "done"), record)
+
+
+def forget_part(out_dir, run: int, part: int) -> None:
+    """Make a done part pending again (its files are damaged), so that the next run embeds its unit again."""
+    marker_path(out_dir, run, part, "done").unlink(missing_ok=True)
+
+
+def damaged_parts(out_dir, done: dict[int, dict]) -> dict[int, str]:
+    """Done parts whose files are missing or not of the size their marker records: part -> what is wrong.
+
+    The cheap check a resumed run makes (one ``stat`` per file); the full
+    checksums are ``scatlas validate``'s.
+    """
+    damaged = {}
+    for part, record in done.items():
+        sizes = record.get("sizes") or dict.fromkeys(record["files"])  # markers of older versions record no sizes
+        for name, size in sizes.items():
+            try:
+                actual = (Path(out_dir) / name).stat().st_size
+            except FileNotFoundError:
+                damaged[part] = f"{name} is missing"
+                break
+            if size is not None and actual != size:
+                damaged[part] = f"{name} has {actual:,} bytes, not the {size:,} written"
+                break
+    return damaged
 
 
 def mark_failed(out_dir, run: int, unit: Unit, rank: int, error: str) -> None:

@@ -95,16 +95,23 @@ def status_report(state: AtlasState) -> str:
 
 
 def validate(out_dir: str | Path, run: int | None = None) -> list[str]:
-    """Check an atlas is complete and consistent; returns the problems found (empty = valid).
+    """Check an atlas is complete and consistent; returns the problems found (empty = valid). See :func:`check_atlas`."""
+    return check_atlas(out_dir, run)[0]
+
+
+def check_atlas(out_dir: str | Path, run: int | None = None) -> tuple[list[str], list[int]]:
+    """The problems of an atlas (empty = valid), and the done parts among them whose files are damaged.
 
     Checks: every planned unit is done (or its dataset failed); every part's five
     files exist and match the sha256 in its marker; the rows of a part agree
     across files and with ``atlas.json`` widths; every row of every unit is
-    present exactly once, embedded or dropped; no stray part files.
+    present exactly once, embedded or dropped; no stray part files. A damaged
+    part (a file missing, changed or unreadable) is embedded again once
+    :func:`pipeline.atlas.manifest.forget_part` made it pending.
     """
     state = load_state(out_dir, run)
     out_dir = state.out_dir
-    problems = []
+    problems, damaged = [], []
     width, n_top = state.description["embedding_width"], state.description["top_columns"]
     for unit in state.pending:
         why = state.failed.get(unit.part, {}).get("error", "not done")
@@ -122,18 +129,22 @@ def validate(out_dir: str | Path, run: int | None = None) -> list[str]:
             continue
         expected_files.update(record["files"])
         missing = [f for f in record["files"] if not (out_dir / f).exists()]
-        if missing:
-            problems.append(f"part {part}: missing files {missing}")
+        corrupt = [
+            f for f, digest in record["files"].items() if f not in missing and file_sha256(out_dir / f) != digest
+        ]
+        if missing or corrupt:
+            problems.append(f"part {part}: " + "; ".join(
+                [f"missing files {missing}"] * bool(missing)
+                + [f"files changed since written (checksum mismatch): {corrupt}"] * bool(corrupt)))  # fmt: skip
+            damaged.append(part)
             continue
-        corrupt = [f for f, digest in record["files"].items() if file_sha256(out_dir / f) != digest]
-        if corrupt:
-            problems.append(f"part {part}: files changed since written (checksum mismatch): {corrupt}")
-            continue
-        problems += _check_part(part, unit, read_part(out_dir, record), record, width, n_top)
+        found = _check_part(part, unit, read_part(out_dir, record), record, width, n_top)
+        problems += found
+        damaged += [part] * bool(found)
     stray = sorted(p.name for p in out_dir.glob(part_files_pattern(state.run)) if p.name not in expected_files)
     if stray:
         problems.append(f"{len(stray)} part files not in the manifest: {stray[:5]}")
-    return problems
+    return problems, damaged
 
 
 def _check_part(part: int, unit: Unit, data: dict, record: dict, width: int, n_top: int) -> list[str]:

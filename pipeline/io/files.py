@@ -1,14 +1,20 @@
-"""File helpers every stage uses: atomic writes, JSON, memory-mapped ``.npz`` arrays, file hashes."""
+"""File helpers every stage uses: atomic writes, JSON, memory-mapped ``.npz`` arrays, file hashes, the
+directory lock, and the one-line description of an error of the file system."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import struct
 import tempfile
+import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +43,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno is not None and err.filename in (None, tmp):  # name the file meant, not its temporary
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -99,3 +110,67 @@ def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file's bytes."""
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; ``str(err)`` is one line naming it."""
+
+
+@contextmanager
+def hold_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive OS lock (``flock``) on ``path`` while the block runs; refuse at once if another holds it.
+
+    The OS releases the lock when the process dies, however it dies, so a
+    killed run never leaves ``what`` locked. The file records the holder's host
+    and pid, for the refusal of the next one; it is rewritten in place, never
+    replaced, since a lock belongs to the file's inode.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, _file_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise LockHeld(f"{what} is in use by another run ({holder}); wait for it to end, or use "
+                           "another out_dir") from None  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n"
+                  .encode(), 0)  # fmt: skip
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+#: What to do about an error of the file system, by errno: (what happened, the remedy).
+_ENVIRONMENT_ERRORS = {
+    errno.ENOSPC: ("no space left on device", "free space and re-run the same command; nothing done so far is lost"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota and re-run the same command; nothing done "
+                   "so far is lost"),
+    errno.EFBIG: ("file too large (a file size limit)", "raise the limit (ulimit -f) and re-run the same command; "
+                  "nothing done so far is lost"),
+    errno.EACCES: ("permission denied", "make it readable/writable for you, or use another out_dir"),
+    errno.EPERM: ("operation not permitted", "make it writable for you, or use another out_dir"),
+    errno.EROFS: ("read-only file system", "use an out_dir on a writable file system"),
+    errno.ENOTDIR: ("not a directory", "out_dir must name a directory (or a path to create): remove the file or "
+                    "use another out_dir"),
+    errno.EEXIST: ("exists and is not a directory", "out_dir must name a directory: remove the file or use "
+                   "another out_dir"),
+    errno.ENOENT: ("no longer exists", "restore it (or remove it from the inputs) and re-run the same command; "
+                   "done parts are kept"),
+    errno.EIO: ("input/output error", "check the device, then re-run the same command; done parts are kept"),
+}  # fmt: skip
+
+
+def environment_error(err: BaseException, default_path: str | Path) -> str | None:
+    """One line for an error of the machine rather than of the data: the path, the cause and what to do.
+
+    None when ``err`` is not such an error (not an ``OSError`` with one of the
+    errnos above). ``default_path`` is named when the error does not say which
+    file it was (a failed ``write`` says no name).
+    """
+    if not isinstance(err, OSError) or err.errno not in _ENVIRONMENT_ERRORS:
+        return None
+    cause, remedy = _ENVIRONMENT_ERRORS[err.errno]
+    return f"{err.filename or default_path}: {cause} ({err.strerror}): {remedy}"

@@ -77,6 +77,20 @@ def detect_format(path):
                        "no pandas table)")  # fmt: skip
 
 
+def dataset_stat(path):
+    """(bytes, latest modification time in ns) of the files a dataset is made of: the file, both files of a sparse
+    pair, or every file under a dataset directory (zarr store, 10x matrix directory)."""
+    pair = sparse_pair_paths(path)
+    if pair is not None:
+        files = list(pair)
+    elif os.path.isdir(path):
+        files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+    else:
+        files = [path]
+    stats = [os.stat(f) for f in files if os.path.exists(f)]
+    return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
+
+
 def directory_format(path):
     """``'zarr'``, ``'10x_mtx'`` or ``'soma'`` for a directory that is one dataset, else None."""
     if is_soma_experiment(path):

@@ -7,6 +7,7 @@ numbers). :class:`DatasetError` is the one-line refusal of a dataset.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -29,6 +30,10 @@ N_SAMPLE_ROWS = 2000
 
 #: At most this many values (dense or CSC matrices) are sampled to decide whether they hold raw counts.
 N_SAMPLE_VALUES = 20_000_000
+
+
+#: Values hashed at each end of a matrix for its fingerprint (1 MiB of float32).
+FINGERPRINT_VALUES = 1 << 18
 
 
 #: Values of a dense matrix read at a time (40 MB of float32).
@@ -150,6 +155,26 @@ class CountMatrix:
         block = self._read(slice(start, stop), f"rows [{start}, {stop})")
         check_counts(block, self.path, self.counts_location, np.arange(start, stop))
         return block
+
+    def fingerprint(self):
+        """sha256 of the shape and of the counts of the first and last rows (about 1 MiB of values at each end).
+
+        Cheap to compute, and another whenever a file is rewritten with other
+        counts where they start or end (a re-export, counts scaled...), which
+        its size and modification time alone may not tell. Empty when those
+        rows cannot be read (the unit holding them fails when embedded).
+        """
+        per_row = max(1, self.n_stored // max(self.n_cells, 1))
+        n_rows = min(self.n_cells, max(1, FINGERPRINT_VALUES // per_row))
+        digest = hashlib.sha256(f"{self.n_cells}x{self.n_genes} {self.counts_location}".encode())
+        try:
+            for start, stop in ((0, n_rows), (self.n_cells - n_rows, self.n_cells)):
+                block = self.read_rows(start, stop)
+                for array in (block.indptr, block.indices, block.data):
+                    digest.update(np.ascontiguousarray(array).tobytes())
+        except DatasetError:
+            return ""
+        return digest.hexdigest()
 
     def read_rows_at(self, rows):
         """Raw counts of the given rows, in the given order.

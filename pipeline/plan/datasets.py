@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
-from pipeline.io.formats import open_counts
+from pipeline.io.formats import dataset_stat, open_counts
 from pipeline.io.matrix import CountMatrix, DatasetError
 from pipeline.plan.genes import organism_id, to_ensembl, vocabulary_columns
 
@@ -49,6 +49,10 @@ class DatasetPlan:
     n_vocab_genes: int = 0
     vocab_coverage: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # the input's identity, recorded in the stored plan to tell a file rewritten since (see input_identity)
+    size: int = 0
+    mtime_ns: int = 0
+    fingerprint: str = ""
     # not persisted: what workers need to tokenize this dataset's cells
     gene_columns: np.ndarray | None = field(default=None, repr=False)  # vocabulary column per gene, -1 if none
     n_vocab: int = 0  # genes in the model's vocabulary of gene_organism
@@ -78,14 +82,16 @@ def cell_organisms(matrix: CountMatrix, default: str | None) -> np.ndarray:
     return np.full(matrix.n_cells, organism, dtype=object)
 
 
-def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], settings: dict) -> DatasetPlan:
+def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], settings: dict,
+                 known: dict | None = None) -> DatasetPlan:  # fmt: skip
     """Open one dataset, work out its organism and gene mapping, join its metadata; failures are recorded, not raised.
 
     ``settings`` are the data settings (``counts``, ``organism``,
     ``min_gene_coverage``, ``metadata``, ``soma_filter``, ``max_len``: a panel
     of fewer genes is warned about), with a catalog row's overrides and
     ``dataset_id``. A TileDB-SOMA experiment's cells get their ``soma_joinid``
-    in the cell table.
+    in the cell table. ``known`` is the identity the stored plan recorded for
+    this dataset, if any (see :func:`input_identity`).
     """
     plan = DatasetPlan(dataset=dataset, path=path, dataset_id=settings.get("dataset_id") or "",
                        metadata=settings.get("metadata") or "", soma_filter=settings.get("soma_filter") or "")  # fmt: skip
@@ -95,6 +101,7 @@ def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], sett
         plan.status, plan.error = "failed", str(err)
         return plan
     plan.matrix, plan.n_cells, plan.n_genes = matrix, matrix.n_cells, matrix.n_genes
+    plan.size, plan.mtime_ns, plan.fingerprint = input_identity(path, matrix, known)
     plan.counts_location, plan.warnings = matrix.counts_location, list(matrix.warnings)
     try:
         _map_genes(plan, matrix, vocabulary, settings)
@@ -107,6 +114,19 @@ def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], sett
     except ValueError as err:  # e.g. an organism name we cannot read
         plan.status, plan.error = "failed", str(DatasetError(path, str(err)))
     return plan
+
+
+def input_identity(path: str, matrix: CountMatrix, known: dict | None) -> tuple[int, int, str]:
+    """(bytes, modification time, fingerprint of the counts) of a dataset, to tell on resume whether it changed.
+
+    The fingerprint (:meth:`CountMatrix.fingerprint`, about 2 MiB read) is
+    computed again only when the size or modification time differ from the
+    ``known`` identity, so an unchanged input costs one ``stat``.
+    """
+    size, mtime_ns = dataset_stat(path)
+    if known and known.get("fingerprint") is not None and (known["size"], known["mtime_ns"]) == (size, mtime_ns):
+        return size, mtime_ns, known["fingerprint"]
+    return size, mtime_ns, matrix.fingerprint()
 
 
 def _map_genes(plan: DatasetPlan, matrix: CountMatrix, vocabulary: dict[str, list[str]], settings: dict) -> None:

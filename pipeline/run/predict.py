@@ -17,19 +17,37 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
 import pandas as pd
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from pipeline import DATA_DIR
-from pipeline.atlas.layout import description_path, sparse_copy_path
-from pipeline.atlas.manifest import atlas_description, done_parts, read_units, write_datasets_table, write_units
-from pipeline.io.files import read_json, remove_temporaries, write_json
+from pipeline.atlas.layout import (
+    description_path,
+    lock_path,
+    marker_path,
+    neighbors_path,
+    part_files_pattern,
+    sparse_copy_path,
+)
+from pipeline.atlas.manifest import (
+    INPUT_COLUMNS,
+    atlas_description,
+    damaged_parts,
+    done_parts,
+    forget_part,
+    read_units,
+    write_datasets_table,
+    write_units,
+)
+from pipeline.io.files import hold_lock, read_json, remove_temporaries, write_json
 from pipeline.plan.datasets import DatasetPlan, plan_dataset
 from pipeline.plan.inputs import resolve_inputs
 from pipeline.plan.units import Unit, make_units
@@ -41,6 +59,7 @@ from pipeline.run.writer import PartWriter
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_DATASETS_FAILED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 0, 3, 75, 130  # 75: "requeue me" (slurm/)
+EXIT_ENVIRONMENT, EXIT_IN_USE = 4, 5  # the disk, a permission or a path stopped the run; another run holds out_dir
 
 
 DEMO_DATASET = DATA_DIR / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
@@ -49,26 +68,66 @@ DEMO_DATASET = DATA_DIR / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
 # ----------------------------------------------------------------------------- run
 
 
-def plan_run(cfg: DictConfig, vocabulary: dict[str, list[str]]) -> tuple[list[DatasetPlan], list[Unit]]:
-    """Plan every dataset and the units; reuse the stored unit plan of ``out_dir`` if there is one."""
+def plan_run(cfg: DictConfig, vocabulary: dict[str, list[str]]) -> tuple[list[DatasetPlan], list[Unit], list[Unit]]:
+    """Plan every dataset and the units; reuse the stored unit plan of ``out_dir`` if there is one.
+
+    Returns the datasets, the units, and the stored units of inputs changed
+    since they were planned, which ``data.reembed_changed=true`` replaces (new
+    part ids); without it a changed input is refused, before anything is embedded.
+    """
     inputs = resolve_inputs(cfg.input if cfg.input else str(DEMO_DATASET))  # (path, a catalog row's settings)
     paths = [os.path.abspath(path) for path, _ in inputs]  # datasets.parquet must not depend on the cwd
-    stored_units, stored_paths = read_units(cfg.out_dir)
-    for dataset, path in stored_paths.items():
-        if dataset >= len(paths) or paths[dataset] != os.path.abspath(path):
+    stored_units, stored = read_units(cfg.out_dir)
+    for dataset, known in stored.items():
+        if dataset >= len(paths) or paths[dataset] != os.path.abspath(known["path"]):
             raise ValueError(
-                f"{cfg.out_dir} was planned with dataset {dataset} = {path}, but the inputs now give "
+                f"{cfg.out_dir} was planned with dataset {dataset} = {known['path']}, but the inputs now give "
                 f"{paths[dataset] if dataset < len(paths) else 'nothing'}; keep the input list (new inputs may "
                 "only be appended) or use another out_dir"
             )
     settings = OmegaConf.to_container(cfg.data, resolve=True)
-    datasets = [plan_dataset(i, path, vocabulary, {**settings, **overrides})
+    datasets = [plan_dataset(i, path, vocabulary, {**settings, **overrides}, stored.get(i))
                 for i, (path, (_, overrides)) in enumerate(zip(paths, inputs))]  # fmt: skip
     for ds in datasets:
         if ds.status == "failed":
             log.error("%s", ds.error)
-    units = make_units(datasets, int(cfg.data.cells_per_unit), stored_units)
-    return datasets, units
+    changed = {ds.dataset: why for ds in datasets if (why := input_change(ds, stored.get(ds.dataset)))}
+    if changed and not cfg.data.reembed_changed:
+        dataset, why = next(iter(changed.items()))
+        raise ValueError(
+            f"{paths[dataset]}: changed since {cfg.out_dir} embedded it ({why}"
+            f"{f'; {len(changed) - 1} other inputs changed too' if len(changed) > 1 else ''}); embed the changed "
+            "datasets again with data.reembed_changed=true, or use a new out_dir"
+        )
+    replaced = [u for u in stored_units if u.dataset in changed]
+    kept = [u for u in stored_units if u.dataset not in changed]
+    units = make_units(datasets, int(cfg.data.cells_per_unit), kept)
+    return datasets, units, replaced
+
+
+def input_change(ds: DatasetPlan, known: dict | None) -> str:
+    """What changed in a planned input since the stored plan recorded it ('' if nothing, or if it cannot be told)."""
+    if known is None or known.get("fingerprint") is None or ds.status == "failed":
+        return ""  # new, planned by an older version, or unreadable now (then it fails by name)
+    if ds.size != known["size"]:
+        return f"{int(known['size']):,} bytes then, {ds.size:,} now"
+    if ds.mtime_ns == known["mtime_ns"]:
+        return ""
+    if not ds.fingerprint:  # its first or last rows cannot be read: nothing to compare
+        return "modified, and its counts cannot be compared"
+    return "its counts differ" if ds.fingerprint != known["fingerprint"] else ""
+
+
+def forget_units(out_dir: Path, run: int, units: list[Unit]) -> None:
+    """Remove what ``run`` wrote for ``units`` (their markers and part files) and their datasets' kNN graphs."""
+    for unit in units:
+        forget_part(out_dir, run, unit.part)
+        marker_path(out_dir, run, unit.part, "failed").unlink(missing_ok=True)
+        for path in out_dir.glob(part_files_pattern(run, unit.part)):
+            path.unlink(missing_ok=True)
+    for dataset in {u.dataset for u in units}:
+        neighbors_path(out_dir, dataset).unlink(missing_ok=True)
+        sparse_copy_path(out_dir, dataset).unlink(missing_ok=True)
 
 
 def resolve_run(out_dir: Path, requested: int | None) -> int:
@@ -81,6 +140,13 @@ def resolve_run(out_dir: Path, requested: int | None) -> int:
         if runs:
             return max(r["run"] for r in runs)
     return 0
+
+
+def predict_command() -> str | None:
+    """The command line of this run (``scatlas predict`` and its overrides), for ``validate`` to tell how to repair."""
+    if not HydraConfig.initialized():
+        return None
+    return shlex.join(["scatlas", "predict", *HydraConfig.get().overrides.task])
 
 
 def settings_fingerprint(cfg: DictConfig, model) -> dict:
@@ -104,15 +170,25 @@ def run_predict(cfg: DictConfig, extra_lines: Callable[[Path, int], list[str]] |
     """Run (or resume) one atlas; returns the process exit code.
 
     ``extra_lines(out_dir, run)`` adds lines to the end-of-run summary (the
-    command line adds the demo model's held-out accuracy).
+    command line adds the demo model's held-out accuracy). Global rank 0 holds
+    the lock of ``out_dir`` for the whole run (the other ranks are its own
+    processes), so a second run into the same directory refuses at once.
     """
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     install_stop_handlers()
+    run = resolve_run(out_dir, cfg.run)
+    writer = PartWriter(out_dir, run)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, CellsPerSecondBar()])
+    with hold_lock(lock_path(out_dir), str(out_dir)) if trainer.global_rank == 0 else nullcontext():
+        return _embed(cfg, out_dir, run, trainer, extra_lines)
+
+
+def _embed(cfg: DictConfig, out_dir: Path, run: int, trainer: L.Trainer, extra_lines) -> int:
+    """Plan, record the attempt, predict and report: :func:`run_predict` once it holds ``out_dir``."""
     predictor = AtlasPredictor(name=cfg.model.name, checkpoint=cfg.model.checkpoint,
                                max_len=int(cfg.model.max_len), seed=int(cfg.seed))  # fmt: skip
     model = predictor.model
-    run = resolve_run(out_dir, cfg.run)
     fingerprint = settings_fingerprint(cfg, model)
     description_file = description_path(out_dir)
     runs = read_json(description_file).get("runs", []) if description_file.exists() else []
@@ -124,11 +200,12 @@ def run_predict(cfg: DictConfig, extra_lines: Callable[[Path, int], list[str]] |
             f"resume with the same settings, or start a new run with run={max(r['run'] for r in runs) + 1}"
         )
 
-    datasets, units = plan_run(cfg, model.config.genes)
+    datasets, units, replaced = plan_run(cfg, model.config.genes)
     done = done_parts(out_dir, run)
-    if previous and all(unit.part in done for unit in units):  # a finished atlas: no trainer, no Lightning noise
+    finished = previous and not replaced and all(unit.part in done for unit in units)
+    if finished and not damaged_parts(out_dir, done):  # a finished atlas: nothing to predict, no Lightning noise
         if any(ds.status == "failed" for ds in datasets):
-            print_summary(out_dir, write_datasets_table(out_dir, datasets, units, run), units, run)
+            print_summary(out_dir, write_datasets_table(out_dir, datasets, units, run), units, run, extra_lines)
             return EXIT_DATASETS_FAILED
         if rank_zero_only.rank == 0:
             n_cells = sum(int(record["n_cells"]) for record in done.values())
@@ -141,15 +218,21 @@ def run_predict(cfg: DictConfig, extra_lines: Callable[[Path, int], list[str]] |
         vocabulary_offsets=model.config.organism_offsets,
         uses_neighbors=model.config.expr_emb_style == "metacell",
     )  # fmt: skip
-    writer = PartWriter(out_dir, run)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, CellsPerSecondBar()])
-    if trainer.global_rank == 0:
+    if trainer.global_rank == 0:  # the other ranks read the plan and markers after Lightning's barrier before setup
         remove_temporaries(out_dir)
-        write_units(out_dir, units, {d.dataset: d.path for d in datasets})
+        for part, problem in damaged_parts(out_dir, done_parts(out_dir, run)).items():
+            log.warning("%s: part %d is damaged (%s): its unit is embedded again", out_dir, part, problem)
+            forget_part(out_dir, run, part)
+        if replaced:
+            log.warning("%s: embedding %d units of changed inputs again (data.reembed_changed=true)", out_dir,
+                        len(replaced))  # fmt: skip
+            forget_units(out_dir, run, replaced)
+        write_units(out_dir, units, {d.dataset: {c: getattr(d, c) for c in INPUT_COLUMNS} for d in datasets})
         if previous is None:
             runs.append({"run": run, "settings": fingerprint, "attempts": []})
         entry = next(r for r in runs if r["run"] == run)
-        entry["attempts"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": trainer.world_size})
+        entry["attempts"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": trainer.world_size,
+                                  "command": predict_command()})  # fmt: skip
         write_json(description_file, atlas_description(cfg, model, run, runs))
         write_datasets_table(out_dir, datasets, units, run)
     try:

@@ -89,20 +89,32 @@ def write_part(out_dir: Path, run: int, unit: Unit, rank: int, state: dict, conf
         if not stale.name.startswith(stem + "_"):
             stale.unlink(missing_ok=True)
     tables = dict(zip(PART_TABLES, (cells, dropped)))
-    files = {}
+    files, sizes = {}, {}
     for name, array in arrays.items():
         path = out_dir / part_file(stem, name)
         atomic_write(path, lambda tmp, a=array, n=name: _save_npz(tmp, n, a))
-        files[path.name] = file_sha256(path)
+        files[path.name], sizes[path.name] = file_sha256(path), path.stat().st_size
     for name, table in tables.items():
         path = out_dir / part_file(stem, name)
         atomic_write(path, lambda tmp, t=table: t.to_parquet(tmp, index=False))
-        files[path.name] = file_sha256(path)
+        files[path.name], sizes[path.name] = file_sha256(path), path.stat().st_size
     return {
         "part": unit.part, "dataset": unit.dataset, "start": unit.start, "stop": unit.stop, "rank": rank,
-        "stem": stem, "n_cells": len(cells), "n_dropped": len(dropped), "files": files,
-        "seconds": round(time.time() - state["started"], 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "stem": stem, "n_cells": len(cells), "n_dropped": len(dropped), "files": files, "sizes": sizes,
+        "top1": top1_counts(arrays["top3"], config.topk), "seconds": round(time.time() - state["started"], 3),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }  # fmt: skip
+
+
+def top1_counts(top3: np.ndarray, topk: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Cells per top-1 label id of each class in a part, kept in its done marker so that a run's summary counts
+    labels from the markers, never by reading the parts again."""
+    counts, start = {}, 0
+    for name, k in topk.items():
+        codes, n = np.unique(top3[:, start], return_counts=True)
+        counts[name] = {str(int(code)): int(c) for code, c in zip(codes, n)}
+        start += k
+    return counts
 
 
 def _save_npz(path: str, name: str, array: np.ndarray) -> None:
