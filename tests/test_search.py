@@ -1,7 +1,9 @@
 """Searching an atlas (`scatlas index`, `scatlas query`, pipeline.analysis.search) on real cells.
 
-The bone-marrow and spleen datasets are split as the demo model was trained: the cells it never saw
-(models/data/tiny-demo.heldout.csv) are the query, the others the atlas, each half its own h5ad file.
+The atlas is the bone-marrow and spleen cells the demo model was trained on, written as their own h5ad
+files; the cells it never saw (models/data/tiny-demo.heldout.csv) are not in the atlas. The query is the
+whole source files (the metacell model embeds a cell with its dataset's nearest cells, so a query is a
+whole dataset), and label transfer is scored on the held-out cells only.
 """
 
 import json
@@ -33,22 +35,21 @@ def predict(inputs, out, *extra):
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
-    """Atlas and query halves of BMMC and spleen as separate h5ad files; the query's true cell types."""
+    """The atlas of the training cells of BMMC and spleen; the held-out cells' (query dataset, row) and labels."""
     root = tmp_path_factory.mktemp("search")
     held_out = pd.read_csv(DEMO_CHECKPOINT.with_suffix(".heldout.csv"))
-    files = {"atlas": [], "query": []}
-    truth = []
-    for source in (BMMC, SPLEEN):
+    atlas_files, held = [], []
+    for dataset, source in enumerate((BMMC, SPLEEN)):
         adata = anndata.read_h5ad(source)
         query_rows = np.sort(held_out.loc[held_out.file == source.name, "row"].to_numpy())
-        atlas_rows = np.setdiff1d(np.arange(adata.n_obs), query_rows)
-        for half, rows in (("atlas", atlas_rows), ("query", query_rows)):
-            path = root / f"{half}_{source.name}"
-            adata[rows].copy().write_h5ad(path)
-            files[half].append(path)
-        truth.append(adata.obs["cell_type"].astype(str).to_numpy()[query_rows])
-    atlas_dir = predict(files["atlas"], root / "atlas")
-    return {"root": root, "atlas": atlas_dir, "files": files, "truth": np.concatenate(truth)}
+        path = root / f"atlas_{source.name}"
+        adata[np.setdiff1d(np.arange(adata.n_obs), query_rows)].copy().write_h5ad(path)
+        atlas_files.append(path)
+        held.append(pd.DataFrame({"query_dataset": dataset, "query_row": query_rows,
+                                  "cell_type": adata.obs["cell_type"].astype(str).to_numpy()[query_rows]}))  # fmt: skip
+    atlas_dir = predict(atlas_files, root / "atlas")
+    return {"root": root, "atlas": atlas_dir, "files": {"atlas": atlas_files, "query": [BMMC, SPLEEN]},
+            "held_out": pd.concat(held, ignore_index=True)}  # fmt: skip
 
 
 def test_query_finds_exact_neighbours_and_transfers_cell_types(split):
@@ -64,12 +65,12 @@ def test_query_finds_exact_neighbours_and_transfers_cell_types(split):
     proc = scatlas("query", atlas_dir, *split["files"]["query"], "--label", "cell_type", "--name", "heldout",
                    *[f"--set={s}" for s in SETTINGS])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "searched 189 query cells" in proc.stdout
+    assert "searched 940 query cells" in proc.stdout
     out = atlas_dir / "queries" / "heldout"
     neighbors = pd.read_parquet(out / "neighbors.parquet")
     transfer = pd.read_parquet(out / "label_transfer.parquet")
     atlas, query = open_atlas(atlas_dir, progress=False), open_atlas(out, progress=False)
-    assert query.n_cells == len(transfer) == 189 and len(neighbors) == 189 * 10
+    assert query.n_cells == len(transfer) == 940 and len(neighbors) == 940 * 10
 
     # the flat index is exact: the same neighbours as a brute-force cosine search in numpy
     a, q = atlas.embedding(), query.embedding()
@@ -78,23 +79,24 @@ def test_query_finds_exact_neighbours_and_transfers_cell_types(split):
     nearest = np.argsort(-similarity, axis=1)[:, :10]
     found = neighbors.sort_values(["query_dataset", "query_row", "rank"])["atlas_row"].to_numpy().reshape(-1, 10)
     order = np.lexsort((query.cells()["row"], query.cells()["dataset"]))
-    assert np.mean([len(set(x) & set(y)) / 10 for x, y in zip(found, nearest[order])]) >= 0.99
+    assert np.mean([len(set(x) & set(y)) / 10 for x, y in zip(found, nearest[order])]) >= 0.95  # ties may swap
+    top = -np.sort(-similarity[order], axis=1)[:, :10]
     distances = neighbors.sort_values(["query_dataset", "query_row", "rank"])["distance"].to_numpy().reshape(-1, 10)
     assert np.all(np.diff(distances, axis=1) >= -1e-5)
-    np.testing.assert_allclose(distances[:, 0], 1 - similarity[order].max(axis=1), atol=1e-4)
+    np.testing.assert_allclose(distances, 1 - top, atol=1e-4)
     # every neighbour maps back to its source cell of the atlas's own files
     cells = atlas.cells(neighbors["atlas_row"].to_numpy())
     assert (cells["obs_name"].to_numpy() == neighbors["obs_name"].to_numpy()).all()
     assert (cells["row"].to_numpy() == neighbors["row"].to_numpy()).all()
 
     # label transfer of the source files' cell_type: accuracy on the held-out cells, against the majority class
-    offsets = np.array([0, 119])  # the query files: 119 bone-marrow cells, then 70 spleen cells, in row order
-    truth = split["truth"][offsets[transfer["query_dataset"]] + transfer["query_row"].to_numpy()]
-    accuracy = float((transfer["obs_cell_type_vote"].to_numpy() == truth).mean())
-    majority = pd.Series(atlas.source_obs("cell_type")["cell_type"]).value_counts().index[0]
-    baseline = float((truth == majority).mean())
+    scored = transfer.merge(split["held_out"], on=["query_dataset", "query_row"])
+    assert len(scored) == 189  # cells neither the model nor the atlas saw
+    accuracy = float((scored["obs_cell_type_vote"] == scored["cell_type"]).mean())
+    majority = atlas.source_obs("cell_type")["cell_type"].value_counts().index[0]
+    baseline = float((scored["cell_type"] == majority).mean())
     print(f"cell_type transfer accuracy {accuracy:.3f}, majority baseline {baseline:.3f}")
-    assert accuracy >= baseline + 0.3
+    assert accuracy >= 0.35 and accuracy >= baseline + 0.25  # measured 0.418 and 0.095 (66 cell types)
     assert transfer["obs_cell_type_share"].between(0.1, 1).all() and (transfer["obs_cell_type_voters"] == 10).all()
     # the class votes sit next to the model's own top-1 for the query cell
     assert {"cell_type_vote", "cell_type_share", "cell_type_model", "organism_vote", "organism_model"} <= set(transfer)
@@ -116,13 +118,13 @@ def test_python_api_matches_the_command(split):
 
 def test_query_refuses_other_model_settings_and_missing_genes(split):
     atlas = open_atlas(split["atlas"], progress=False)
-    other = predict(split["files"]["query"][:1], split["root"] / "seed1", "seed=1")
+    other = predict(split["files"]["query"][1:], split["root"] / "seed1", "seed=1")
     with pytest.raises(ValueError, match="embedded with other seed"):
         check_same_model(atlas, open_atlas(other, progress=False))
-    adata = anndata.read_h5ad(split["files"]["query"][0])
-    adata.var_names = [f"NOT_A_GENE_{i}" for i in range(adata.n_vars)]
+    adata = anndata.read_h5ad(split["files"]["query"][1])
     bad = split["root"] / "no_genes.h5ad"
-    adata.write_h5ad(bad)
+    no_genes = pd.DataFrame(index=[f"NOT_A_GENE_{i}" for i in range(adata.n_vars)])
+    anndata.AnnData(X=adata.X, obs=adata.obs, var=no_genes, layers=dict(adata.layers)).write_h5ad(bad)
     proc = scatlas("query", split["atlas"], bad, *[f"--set={s}" for s in SETTINGS])
     assert proc.returncode == 3
     assert "no_genes.h5ad" in proc.stdout + proc.stderr and "no query cell was embedded" in proc.stderr
@@ -159,7 +161,7 @@ def test_index_is_extended_and_an_index_of_other_parts_is_detected(split, tmp_pa
     shutil.copytree(atlas_dir / "index", other / "index")
     proc = scatlas("validate", other)
     assert proc.returncode == 1 and "index: it covers" in proc.stdout
-    proc = scatlas("query", other, split["files"]["query"][0], *[f"--set={s}" for s in SETTINGS])
+    proc = scatlas("query", other, split["files"]["query"][1], *[f"--set={s}" for s in SETTINGS])
     assert proc.returncode == 2 and "--rebuild" in proc.stderr and "index" in proc.stderr
     shutil.rmtree(other / "index")
     build_index(open_atlas(other, progress=False))
