@@ -167,7 +167,7 @@ def index(argv: list[str]) -> int:
                         "other, cell_type,tissue, ...")  # fmt: skip
     parser.add_argument("--metric", choices=METRICS, default=None, help="cosine (default) or l2")
     parser.add_argument("--type", choices=INDEX_TYPES, default=None, help="index type (default auto: flat up to "
-                        "200,000 cells, ivf up to 5,000,000, ivfpq beyond)")  # fmt: skip
+                        "100,000 cells, ivf up to 5,000,000, ivfpq beyond)")  # fmt: skip
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default about 4 sqrt(cells))")
     parser.add_argument(
         "--rebuild", action="store_true", help="build a new index instead of extending the existing one"

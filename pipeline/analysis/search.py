@@ -33,7 +33,7 @@ INDEX_TYPES = ("auto", "flat", "ivf", "ivfpq")
 METRICS = ("cosine", "l2")
 #: ``auto`` keeps an exact (flat) index up to this many cells, IVF-Flat up to IVF_MAX_CELLS, IVF-PQ beyond
 #: (README "Search an atlas" has the timings and memory behind these bounds).
-FLAT_MAX_CELLS = 200_000
+FLAT_MAX_CELLS = 100_000
 IVF_MAX_CELLS = 5_000_000
 #: IVF training: about this many sample cells per inverted list (faiss warns under 39), at most TRAIN_MAX_CELLS.
 TRAIN_CELLS_PER_LIST = 64
@@ -209,20 +209,25 @@ def new_index(atlas: Atlas, kind: str, metric: str, columns: np.ndarray, nlist: 
         return faiss.IndexIDMap2(flat), None, None, 0
     nlist = default_nlist(atlas.n_cells) if nlist is None else int(nlist)
     n_train = min(atlas.n_cells, max(TRAIN_CELLS_PER_LIST * nlist, 256 * 39 if kind == "ivfpq" else 0), TRAIN_MAX_CELLS)
-    if n_train < nlist:
-        raise ValueError(f"{atlas.out_dir}: {atlas.n_cells} cells are too few for an IVF index of {nlist} lists")
-    quantizer = faiss.IndexFlatIP(dim) if metric == "cosine" else faiss.IndexFlatL2(dim)
+    if n_train < max(nlist, 256 if kind == "ivfpq" else 1):
+        raise ValueError(f"{atlas.out_dir}: {atlas.n_cells} cells are too few for an {kind} index of {nlist} lists; "
+                         "use --type flat")  # fmt: skip
     if kind == "ivf":
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss_metric)
+        quantizer = faiss.IndexFlatIP(dim) if metric == "cosine" else faiss.IndexFlatL2(dim)
+        index = ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss_metric)
     else:
-        index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_subquantizers(dim), 8, faiss_metric)
+        # PQ codes lose the small differences between embeddings that share a large common component, so the
+        # vectors are centred on the atlas mean first; L2 is unchanged by centring and, on unit vectors, ranks
+        # as cosine does, so the PQ index is always L2 (search() converts its distances)
+        ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, nlist, pq_subquantizers(dim), 8)
+        index = faiss.IndexPreTransform(faiss.CenteringTransform(dim), ivf)
     sample = prepare_vectors(atlas.embedding(None, rows=atlas.sample(n_train, seed))[:, columns], metric)
-    index.cp.seed = seed
+    ivf.cp.seed = seed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         index.train(sample)
-    index.nprobe = default_nprobe(nlist)
-    return index, nlist, int(index.nprobe), len(sample)
+    ivf.nprobe = default_nprobe(nlist)
+    return index, nlist, int(ivf.nprobe), len(sample)
 
 
 # ----------------------------------------------------------------------------- searching
@@ -253,7 +258,7 @@ def load_index(atlas: Atlas) -> AtlasIndex:
                       f"was built; `scatlas index {atlas.out_dir}` adds them", stacklevel=2)  # fmt: skip
     index = faiss.read_index(str(index_file(atlas.out_dir, description["generation"])))
     if description.get("nprobe"):
-        index.nprobe = int(description["nprobe"])
+        faiss.extract_index_ivf(index).nprobe = int(description["nprobe"])
     return AtlasIndex(description, index, missing, missing_cells)
 
 
@@ -275,15 +280,18 @@ def search(atlas: Atlas, embeddings: np.ndarray, k: int = 10, index: AtlasIndex 
                          f"(the index's blocks {description['blocks']}), got shape {embeddings.shape}")  # fmt: skip
     if embeddings.shape[1] == atlas.embedding_width and description["dim"] != atlas.embedding_width:
         embeddings = embeddings[:, index_columns(atlas, description["blocks"])]
-    if nprobe is not None and description.get("nlist"):
-        index.index.nprobe = int(nprobe)
+    if description.get("nlist"):
+        _faiss().extract_index_ivf(index.index).nprobe = int(nprobe or description["nprobe"])
     scores, ids = index.index.search(prepare_vectors(embeddings, description["metric"]), int(k))
     query, rank = np.nonzero(ids >= 0)
     ids, scores = ids[query, rank], scores[query, rank]
     parts, local = ids >> _ID_SHIFT, ids & ((1 << _ID_SHIFT) - 1)
     first = dict(zip(atlas.parts["part"].to_numpy(), atlas.parts["first"].to_numpy()))
     atlas_rows = np.array([first[p] for p in parts], dtype=np.int64) + local
-    distance = 1.0 - scores if description["metric"] == "cosine" else np.sqrt(np.maximum(scores, 0.0))
+    if description["type"] == "ivfpq":  # squared L2 of (unit, for cosine) vectors: ||a - b||^2 = 2 - 2 cos
+        distance = scores / 2 if description["metric"] == "cosine" else np.sqrt(np.maximum(scores, 0.0))
+    else:
+        distance = 1.0 - scores if description["metric"] == "cosine" else np.sqrt(np.maximum(scores, 0.0))
     cells = atlas.cells(atlas_rows) if len(atlas_rows) else atlas.cells(np.zeros(0, np.int64))
     return pd.DataFrame({
         "query": query.astype(np.int64), "rank": (rank + 1).astype(np.int16), "atlas_row": atlas_rows,

@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
     columns = index_columns(atlas, [b.strip() for b in args.blocks.split(",")])
     rows = atlas.sample(args.queries, seed=1)
     queries = prepare_vectors(atlas.embedding(None, rows=rows)[:, columns], args.metric)
-    kinds = ["flat", "ivf"] + (["ivfpq"] if atlas.n_cells >= 256 * 39 else [])  # PQ codebooks need 9,984 cells
+    kinds = ["flat", "ivf"] + (["ivfpq"] if atlas.n_cells >= 2560 else [])  # 256 codes per PQ codebook
     results = [bench_index(atlas, kind, columns, args.metric, queries, args.k) for kind in kinds]
     exact = results[0].pop("ids")
     for result in results[1:]:
