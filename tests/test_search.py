@@ -118,6 +118,8 @@ def test_python_api_matches_the_command(split):
 
 def test_query_refuses_other_model_settings_and_missing_genes(split):
     atlas = open_atlas(split["atlas"], progress=False)
+    if not (split["atlas"] / "index").exists():
+        build_index(atlas)
     other = predict(split["files"]["query"][1:], split["root"] / "seed1", "seed=1")
     with pytest.raises(ValueError, match="embedded with other seed"):
         check_same_model(atlas, open_atlas(other, progress=False))
