@@ -152,7 +152,7 @@ def test_index_is_extended_and_an_index_of_other_parts_is_detected(split, tmp_pa
     # the extended index finds what a fresh one does
     fresh = tmp_path / "fresh"
     shutil.copytree(atlas_dir, fresh)
-    build_index(open_atlas(fresh, progress=False), rebuild=True)
+    build_index(open_atlas(fresh, progress=False), blocks=["cell_type"], rebuild=True)
     rows = atlas.sample(50, seed=3)
     queries = atlas.embedding(rows=rows)
     assert search(atlas, queries).equals(search(open_atlas(fresh, progress=False), queries))

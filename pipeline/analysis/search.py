@@ -116,7 +116,8 @@ def build_index(atlas: Atlas, blocks: list[str] | None = None, metric: str | Non
     faiss = _faiss()
     out_dir = atlas.out_dir
     done = load_state(out_dir, atlas.run).done
-    existing = None if rebuild or not index_description_path(out_dir).exists() else read_json(index_description_path(out_dir))  # fmt: skip
+    previous = read_json(index_description_path(out_dir)) if index_description_path(out_dir).exists() else None
+    existing = None if rebuild else previous
     asked = {"blocks": None if blocks is None else sorted(blocks), "metric": metric, "type": kind}
     if existing is not None:
         differ = [
@@ -139,6 +140,8 @@ def build_index(atlas: Atlas, blocks: list[str] | None = None, metric: str | Non
         index = faiss.read_index(str(index_file(out_dir, existing["generation"])))
         kind, nlist, nprobe = existing["type"], existing.get("nlist"), existing.get("nprobe")
         covered = {int(p) for p in existing["parts"]}
+        if covered >= set(done):
+            return {**existing, "last_added_cells": 0, "last_seconds": 0.0, "up_to_date": True}
         train_cells = 0
     else:
         kind = choose_index_type(atlas.n_cells) if kind in (None, "auto") else kind
@@ -149,7 +152,7 @@ def build_index(atlas: Atlas, blocks: list[str] | None = None, metric: str | Non
     parts = dict((existing or {}).get("parts", {}))
     n_added = fill_index(index, atlas, columns, metric, skip=covered, done=done, parts=parts)
     seconds = time.perf_counter() - started
-    generation = 0 if existing is None else int(existing["generation"]) + 1
+    generation = 0 if previous is None else int(previous["generation"]) + 1
     path = index_file(out_dir, generation)
     atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
     description = {
@@ -174,8 +177,8 @@ def build_index(atlas: Atlas, blocks: list[str] | None = None, metric: str | Non
         "last_seconds": round(seconds, 3),
     }
     write_json(index_description_path(out_dir), description)
-    if existing is not None:
-        index_file(out_dir, existing["generation"]).unlink(missing_ok=True)
+    if previous is not None:
+        index_file(out_dir, previous["generation"]).unlink(missing_ok=True)
     return description
 
 
@@ -465,6 +468,8 @@ def query_report(atlas: Atlas, index: dict, neighbors: pd.DataFrame, transfer: p
 def index_report(description: dict, out_dir: Path) -> str:
     """One line on a built or extended index: type, size, speed and memory per cell."""
     n, added, seconds = description["n_cells"], description["last_added_cells"], description["last_seconds"]
+    if description.get("up_to_date"):
+        return f"index up to date: {out_dir}/index/{description['file']} covers all {n:,} cells of the atlas"
     what = "extended" if description["extended"] else "built"
     rate = f", {added / seconds:,.0f} cells/s" if seconds and added else ""
     return (f"index {what}: {out_dir}/index/{description['file']} ({description['type']}, {description['metric']}, "
