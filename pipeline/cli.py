@@ -4,11 +4,15 @@ scatlas predict [key=value ...]   embed datasets (a Hydra app: configs/predict.y
 scatlas status ATLAS_DIR          units and cells done, failures, per-rank throughput, ETA
 scatlas validate ATLAS_DIR        exit 0 only if the atlas is complete and consistent
 scatlas bench [--help]            data path, memory, forward and end-to-end throughput figures
+scatlas bench --search ATLAS_DIR  index build speed, memory per cell, search speed and recall per index type
 scatlas summarize ATLAS_DIR       tables of predicted labels per dataset, cell type x tissue/..., scores
 scatlas plot ATLAS_DIR            PNGs: PCA/UMAP of a cell sample, score histograms, cell type x tissue (or other class)
 scatlas probe ATLAS_DIR --label COLUMN   linear probe of the embeddings against a source obs column
 scatlas export ATLAS_DIR --to parquet|zarr|soma OUT   the cells, predictions and embeddings for duckdb/pandas,
                                   AnnData (zarr) or TileDB-SOMA
+scatlas index ATLAS_DIR           build (or extend) the nearest-neighbour index of an atlas (faiss)
+scatlas query ATLAS_DIR QUERY...  embed query datasets with the atlas's model, find their nearest atlas cells,
+                                  transfer labels by majority vote
 scatlas train-demo [--out-dir DIR]      re-train the shipped tiny demo checkpoint (CPU, minutes, deterministic)
 """
 
@@ -299,6 +303,10 @@ def train_demo(argv: list[str]) -> int:
 
 
 def bench(argv: list[str]) -> int:
+    if argv[:1] == ["--search"]:  # scatlas bench --search ATLAS_DIR: the index types of scatlas index
+        from pipeline.tools.bench_search import main as run_search_bench
+
+        return run_search_bench(argv[1:])
     from pipeline.tools.bench import main as run_bench
 
     return run_bench(argv)
@@ -380,6 +388,93 @@ def export(argv: list[str]) -> int:
     return 0
 
 
+def index(argv: list[str]) -> int:
+    from pipeline.analysis.search import INDEX_TYPES, METRICS, build_index, index_report
+
+    parser = _analysis_parser("index", "Build a faiss nearest-neighbour index of the atlas's embeddings under "
+                              "ATLAS_DIR/index/, or extend it with the parts done since it was built. Exact (flat) "
+                              "for small atlases, IVF-Flat and then IVF-PQ for large ones (--type auto).", "index")  # fmt: skip
+    parser.add_argument("--blocks", default=None, help="embedding blocks, comma-separated: all (default), cell_type, "
+                        "other, cell_type,tissue, ...")  # fmt: skip
+    parser.add_argument("--metric", choices=METRICS, default=None, help="cosine (default) or l2")
+    parser.add_argument("--type", choices=INDEX_TYPES, default=None, help="index type (default auto: flat up to "
+                        "100,000 cells, ivf up to 5,000,000, ivfpq beyond)")  # fmt: skip
+    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default about 4 sqrt(cells))")
+    parser.add_argument(
+        "--rebuild", action="store_true", help="build a new index instead of extending the existing one"
+    )
+    args, atlas = _open(parser, argv)
+    if args.out is not None:
+        raise ValueError("scatlas index writes under ATLAS_DIR/index; --out is not supported")
+    blocks = None if args.blocks is None else [b.strip() for b in args.blocks.split(",") if b.strip()]
+    description = build_index(atlas, blocks=blocks, metric=args.metric, kind=args.type, nlist=args.nlist,
+                              rebuild=args.rebuild)  # fmt: skip
+    print(index_report(description, atlas.out_dir))
+    return 0
+
+
+def query(argv: list[str]) -> int:
+    """Embed the query datasets with ``scatlas predict`` (the atlas's settings), then search them in the atlas."""
+    import time
+
+    from configs import compose_predict
+    from pipeline.analysis.search import (
+        check_index,
+        load_index,
+        query_atlas,
+        query_overrides,
+        query_report,
+        write_query,
+    )
+    from pipeline.atlas.layout import query_dir
+    from pipeline.atlas.reader import open_atlas
+    from pipeline.run.predict import EXIT_DATASETS_FAILED, EXIT_OK, run_predict
+
+    parser = argparse.ArgumentParser(prog="scatlas query", description="Embed query datasets with the atlas's own "
+                                     "model, checkpoint, max_len and seed (from atlas.json), find the k nearest atlas "
+                                     "cells of each query cell in the atlas's index (scatlas index), and transfer labels "
+                                     "by the neighbours' majority vote. Writes neighbors.parquet (one row per query "
+                                     "cell and neighbour) and label_transfer.parquet (one row per query cell).")  # fmt: skip
+    parser.add_argument("atlas_dir", metavar="ATLAS_DIR", help="an atlas with an index (scatlas index ATLAS_DIR)")
+    parser.add_argument("queries", nargs="+", metavar="QUERY", help="query datasets (any input predict takes)")
+    parser.add_argument("-k", type=int, default=10, help="neighbours per query cell (default 10)")
+    parser.add_argument("--label", action="append", default=[], help="also transfer this obs column of the atlas's "
+                        "source files, e.g. cell_type (repeatable)")  # fmt: skip
+    parser.add_argument("--weighted", action="store_true", help="weigh votes by 1 / distance")
+    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default: the index's)")
+    parser.add_argument("--name", default=None, help="query name (default: the first query file's name)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default ATLAS_DIR/queries/NAME)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a predict setting that "
+                        "does not change the numbers, e.g. data.batch_size=64 or trainer=gpu (repeatable)")  # fmt: skip
+    args = parser.parse_args(argv)
+    atlas = open_atlas(args.atlas_dir)
+    check_index(atlas)  # no index, or one of other parts: fail before embedding anything
+    fixed = {"model", "seed", "input", "out_dir", "run"}
+    refused = [s for s in args.set if s.split("=")[0].split(".")[0] in fixed
+               or s.split("=")[0] in ("data.min_counts", "data.min_genes", "data.n_neighbors")]  # fmt: skip
+    if refused:
+        raise ValueError(f"--set {refused[0]}: a query takes the model, seed and QC settings of the atlas")
+    name = args.name or Path(args.queries[0].rstrip("/")).name.split(".")[0]
+    out = args.out or query_dir(atlas.out_dir, name)
+    cfg = compose_predict([f"input=[{','.join(args.queries)}]", f"out_dir={out}", *query_overrides(atlas), *args.set])
+    code = run_predict(cfg)
+    if code not in (EXIT_OK, EXIT_DATASETS_FAILED):
+        return code
+    query = open_atlas(out, progress=atlas.progress)
+    if query.n_cells == 0:
+        print(f"scatlas query: error: no query cell was embedded; see {out}/datasets.parquet", file=sys.stderr)
+        return EXIT_DATASETS_FAILED
+    index = load_index(atlas)
+    started = time.perf_counter()
+    neighbors, transfer = query_atlas(atlas, query, k=args.k, labels=args.label, weighted=args.weighted,
+                                      nprobe=args.nprobe, index=index)  # fmt: skip
+    seconds = time.perf_counter() - started
+    paths = write_query(neighbors, transfer, out)
+    print(query_report(atlas, index.description, neighbors, transfer, args.label, seconds))
+    print(f"written: {paths[0]}, {paths[1]}")
+    return code
+
+
 def _analysis_parser(command: str, description: str, default_out: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"scatlas {command}", description=description + " Reads only the parts "
                                      "that are done, so it works on an atlas still being written.")  # fmt: skip
@@ -397,7 +492,8 @@ def _open(parser: argparse.ArgumentParser, argv: list[str]):
 
 
 COMMANDS = {"predict": predict, "status": status, "validate": validate, "bench": bench, "summarize": summarize,
-            "plot": plot, "probe": probe, "export": export, "train-demo": train_demo}  # fmt: skip
+            "plot": plot, "probe": probe, "export": export, "index": index, "query": query,
+            "train-demo": train_demo}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

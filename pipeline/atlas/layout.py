@@ -11,6 +11,9 @@
     neighbors/dataset_{id}.npz                   a dataset's kNN graph (metacell models)
     neighbors/dataset_{id}.counts.h5             CSR copy of a large dense count matrix, until the dataset is done
     step_{run}__predict_part_{part}_{rank}_{embs,top3,scores}.npz, _cells.parquet, _dropped.parquet
+    index/index.json                             the nearest-neighbour index: settings, parts it covers, its file
+    index/cells_{generation}.faiss               the faiss index; a new generation per build or extension
+    queries/{name}/                              a query's own atlas (its embeddings) and its search results
 
 A part counts as done only through its ``.done.json``, which records each of
 its files' sha256.
@@ -73,3 +76,28 @@ def part_file(stem: str, name: str) -> str:
 def part_files_pattern(run: int, part: int | None = None) -> str:
     """A glob of the files of every part of a run, or of one part written by any rank."""
     return f"step_{run}__predict_part_*" if part is None else f"step_{run}__predict_part_{part}_*"
+
+
+def index_dir(out_dir) -> Path:
+    """``index/``: the nearest-neighbour index of an atlas (``scatlas index``)."""
+    return Path(out_dir) / "index"
+
+
+def index_description_path(out_dir) -> Path:
+    """``index/index.json``, written last: it names the index file and the parts the index covers."""
+    return index_dir(out_dir) / "index.json"
+
+
+def index_file(out_dir, generation: int) -> Path:
+    """``index/cells_{generation}.faiss``; each build or extension writes a new generation, so the old one
+    stays valid until ``index.json`` points to the new one."""
+    return index_dir(out_dir) / f"cells_{generation}.faiss"
+
+
+def query_dir(out_dir, name: str) -> Path:
+    """``queries/{name}/``: where ``scatlas query`` embeds query datasets and writes what it found."""
+    return Path(out_dir) / "queries" / name
+
+
+#: The tables a query writes in its directory (``.parquet``, and ``.csv`` for the transfer table).
+QUERY_TABLES = {"neighbors": "neighbors.parquet", "transfer": "label_transfer.parquet"}

@@ -13,6 +13,8 @@ from pipeline.atlas.layout import (
     PART_TABLES,
     datasets_path,
     description_path,
+    index_description_path,
+    index_file,
     part_file,
     part_files_pattern,
 )
@@ -144,7 +146,36 @@ def check_atlas(out_dir: str | Path, run: int | None = None) -> tuple[list[str],
     stray = sorted(p.name for p in out_dir.glob(part_files_pattern(state.run)) if p.name not in expected_files)
     if stray:
         problems.append(f"{len(stray)} part files not in the manifest: {stray[:5]}")
-    return problems, damaged
+    return problems + [f"index: {p}" for p in index_problems(out_dir, state.run, state.done)], damaged
+
+
+def index_problems(out_dir: str | Path, run: int, done: dict[int, dict], missing: bool = True) -> list[str]:
+    """How the nearest-neighbour index (``index/``, if any) disagrees with the atlas's done parts now.
+
+    An index covering a part the atlas does not have, or whose embeddings changed since (their sha256 in the
+    part's done marker differs), is wrong and must be rebuilt; with ``missing``, parts done since the index was
+    built are reported too (``scatlas index`` extends it with them).
+    """
+    path = index_description_path(out_dir)
+    if not path.exists():
+        return []
+    index = read_json(path)
+    problems = []
+    if int(index["run"]) != int(run):
+        problems.append(f"built for run {index['run']}, not run {run}")
+    file = index_file(out_dir, index["generation"])
+    if not file.exists() or file.stat().st_size != index["file_bytes"]:
+        problems.append(f"{file.name} is missing or changed since it was written")
+    foreign = [int(p) for p, entry in index["parts"].items()
+               if int(p) not in done or done[int(p)]["files"].get(part_file(entry["stem"], "embs")) != entry["embs_sha256"]]  # fmt: skip
+    if foreign:
+        problems.append(f"it covers {len(foreign)} part(s) the atlas does not have now or whose embeddings changed "
+                        f"(parts {foreign[:5]})")  # fmt: skip
+    new = sorted(set(done) - {int(p) for p in index["parts"]})
+    if missing and new:
+        problems.append(f"{len(new)} part(s) ({sum(done[p]['n_cells'] for p in new):,} cells) done since it was "
+                        f"built are not in it: `scatlas index {out_dir}` adds them")  # fmt: skip
+    return problems
 
 
 def _check_part(part: int, unit: Unit, data: dict, record: dict, width: int, n_top: int) -> list[str]:
