@@ -23,16 +23,26 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from pipeline import DATA_DIR
-from pipeline.atlas.layout import description_path, sparse_copy_path
-from pipeline.atlas.manifest import atlas_description, done_parts, read_units, write_datasets_table, write_units
+from pipeline.atlas.layout import datasets_path, description_path, sparse_copy_path
+from pipeline.atlas.manifest import (
+    atlas_description,
+    done_parts,
+    index_markers,
+    read_units,
+    write_datasets_table,
+    write_units,
+)
 from pipeline.io.files import read_json, remove_temporaries, write_json
-from pipeline.plan.datasets import DatasetPlan, plan_dataset
+from pipeline.io.matrix import DatasetError
+from pipeline.plan.datasets import DatasetPlan, finished_plan, plan_dataset
 from pipeline.plan.inputs import resolve_inputs
 from pipeline.plan.units import Unit, make_units
+from pipeline.run.datamodule import neighbor_files
 from pipeline.run.module import AtlasPredictor
-from pipeline.run.progress import CellsPerSecondBar
+from pipeline.run.progress import progress_callback
 from pipeline.run.signals import install_stop_handlers, stop_requested
 from pipeline.run.writer import PartWriter
+from pipeline.tokens.batches import prepare_locked
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +55,12 @@ DEMO_DATASET = DATA_DIR / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
 # ----------------------------------------------------------------------------- run
 
 
-def plan_run(cfg: DictConfig, vocabulary: dict[str, list[str]]) -> tuple[list[DatasetPlan], list[Unit]]:
-    """Plan every dataset and the units; reuse the stored unit plan of ``out_dir`` if there is one."""
+def plan_run(cfg: DictConfig, vocabulary: dict[str, list[str]], run: int) -> tuple[list[DatasetPlan], list[Unit]]:
+    """Plan every dataset and the units; reuse the stored unit plan of ``out_dir`` if there is one.
+
+    A dataset of the stored plan whose every unit of ``run`` is done is not
+    opened again: its ``datasets.parquet`` row is its plan.
+    """
     inputs = resolve_inputs(cfg.input if cfg.input else str(DEMO_DATASET))  # (path, a catalog row's settings)
     paths = [os.path.abspath(path) for path, _ in inputs]  # datasets.parquet must not depend on the cwd
     stored_units, stored_paths = read_units(cfg.out_dir)
@@ -57,14 +71,26 @@ def plan_run(cfg: DictConfig, vocabulary: dict[str, list[str]]) -> tuple[list[Da
                 f"{paths[dataset] if dataset < len(paths) else 'nothing'}; keep the input list (new inputs may "
                 "only be appended) or use another out_dir"
             )
+    finished = finished_records(cfg.out_dir, run, stored_units)
     settings = OmegaConf.to_container(cfg.data, resolve=True)
-    datasets = [plan_dataset(i, path, vocabulary, {**settings, **overrides})
+    datasets = [finished_plan(finished[i]) if i in finished else plan_dataset(i, path, vocabulary, {**settings, **overrides})
                 for i, (path, (_, overrides)) in enumerate(zip(paths, inputs))]  # fmt: skip
     for ds in datasets:
         if ds.status == "failed":
             log.error("%s", ds.error)
     units = make_units(datasets, int(cfg.data.cells_per_unit), stored_units)
     return datasets, units
+
+
+def finished_records(out_dir, run: int, stored_units: list[Unit]) -> dict[int, dict]:
+    """dataset -> its ``datasets.parquet`` row, for the datasets of the stored plan whose every unit is done."""
+    if not stored_units or not datasets_path(out_dir).exists():
+        return {}
+    done = done_parts(out_dir, run)
+    pending = {u.dataset for u in stored_units if u.part not in done}
+    table = pd.read_parquet(datasets_path(out_dir))
+    table = table[~table.dataset.isin(pending) & table.dataset.isin({u.dataset for u in stored_units})]
+    return {int(row["dataset"]): row for row in table.to_dict("records")}
 
 
 def resolve_run(out_dir: Path, requested: int | None) -> int:
@@ -118,15 +144,16 @@ def run_predict(cfg: DictConfig, extra_lines: Callable[[Path, int], list[str]] |
             f"resume with the same settings, or start a new run with run={max(r['run'] for r in runs) + 1}"
         )
 
-    datasets, units = plan_run(cfg, model.config.genes)
+    earlier_world_size = max((a["world_size"] for a in previous["attempts"]), default=0) if previous else 0
+    datasets, units = plan_run(cfg, model.config.genes, run)
     datamodule = instantiate(cfg.data)
     datamodule.attach(
         units=units, datasets=datasets, out_dir=out_dir, run=run, seed=int(cfg.seed),
         vocabulary_offsets=model.config.organism_offsets,
         uses_neighbors=model.config.expr_emb_style == "metacell",
     )  # fmt: skip
-    writer = PartWriter(out_dir, run)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, CellsPerSecondBar()])
+    writer = PartWriter(out_dir, run, earlier_world_size)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, progress_callback()])
     if trainer.global_rank == 0:
         remove_temporaries(out_dir)
         write_units(out_dir, units, {d.dataset: d.path for d in datasets})
@@ -135,7 +162,7 @@ def run_predict(cfg: DictConfig, extra_lines: Callable[[Path, int], list[str]] |
         entry = next(r for r in runs if r["run"] == run)
         entry["attempts"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": trainer.world_size})
         write_json(description_file, atlas_description(cfg, model, run, runs))
-        write_datasets_table(out_dir, datasets, units, run)
+        write_datasets_table(out_dir, datasets, units, *index_markers(out_dir, run))
     try:
         trainer.predict(predictor, datamodule=datamodule, return_predictions=False)
     except BaseException:
@@ -148,18 +175,56 @@ def run_predict(cfg: DictConfig, extra_lines: Callable[[Path, int], list[str]] |
     trainer.strategy.barrier()
     if trainer.global_rank != 0:
         return EXIT_OK
-    table = write_datasets_table(out_dir, datasets, units, run)
+    done, failed = index_markers(out_dir, run)
+    table = write_datasets_table(out_dir, datasets, units, done, failed)
     for dataset in table.dataset[table.status == "done"]:  # a done dataset's sparse copy is not read again
         sparse_copy_path(out_dir, dataset).unlink(missing_ok=True)
     entry["attempts"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json(description_file, atlas_description(cfg, model, run, runs, with_names=True))
-    print_summary(out_dir, table, units, run, extra_lines)
+    print_summary(out_dir, table, units, run, done, extra_lines)
     return EXIT_DATASETS_FAILED if (table.status == "failed").any() else EXIT_OK
 
 
-def print_summary(out_dir: Path, table: pd.DataFrame, units: list[Unit], run: int, extra_lines=None) -> None:
-    console = Console(stderr=False)
+def run_neighbors(cfg: DictConfig, task: int = 0, n_tasks: int = 1) -> int:
+    """``scatlas neighbors``: the kNN graphs (and sparse copies) of the datasets left to embed, on CPUs only.
+
+    Array task ``task`` of ``n_tasks`` takes the datasets whose id is ``task``
+    modulo ``n_tasks``. Run before the GPU job (same config, same ``out_dir``),
+    it leaves the predict run only graphs to load; a graph being built by
+    another process is waited for, not built twice. Returns 0, or 3 if a
+    dataset failed (predict records it when it reaches it).
+    """
+    from models import build_model
+
+    out_dir = Path(cfg.out_dir)
+    model = build_model(cfg.model.name, cfg.model.checkpoint, int(cfg.seed))
+    if model.config.expr_emb_style != "metacell":
+        print(f"model {cfg.model.name} uses no neighbours: nothing to build")
+        return EXIT_OK
+    run = resolve_run(out_dir, cfg.run)
+    datasets, units = plan_run(cfg, model.config.genes, run)
     done = done_parts(out_dir, run)
+    to_embed = {u.dataset for u in units if u.part not in done}
+    mine = [d for d in datasets if d.dataset in to_embed and d.dataset % n_tasks == task]
+    n_failed = 0
+    for ds in mine:
+        start = time.perf_counter()
+        try:
+            prepare_locked(ds, neighbor_files(out_dir, ds.dataset), int(cfg.data.n_neighbors), int(cfg.seed))
+        except DatasetError as err:
+            log.error("%s", err)
+            n_failed += 1
+            continue
+        print(
+            f"dataset {ds.dataset}: graph ready in {time.perf_counter() - start:.1f} s ({ds.n_cells:,} cells, {ds.path})"
+        )
+    print(f"task {task}/{n_tasks}: {len(mine) - n_failed} graphs ready, {n_failed} failed, in {out_dir}")
+    return EXIT_DATASETS_FAILED if n_failed else EXIT_OK
+
+
+def print_summary(out_dir: Path, table: pd.DataFrame, units: list[Unit], run: int, done: dict[int, dict],
+                  extra_lines=None) -> None:  # fmt: skip
+    console = Console(stderr=False)
     console.print(f"[bold]atlas[/bold] {out_dir.resolve()}  (run {run})")
     console.print(
         f"units done {sum(u.part in done for u in units)}/{len(units)}, cells embedded "
