@@ -31,3 +31,48 @@ def test_scale_bench_measures_every_figure(tmp_path, capsys):
     print_scale_report(report)
     printed = capsys.readouterr().out
     assert "growth exponent 3 -> 6 datasets" in printed and "planned atlas, 8 datasets / 12 units" in printed
+
+
+def test_neighbors_step_then_predict_reads_line_logs_and_resumes_without_opening_done_files(tmp_path):
+    """``scatlas neighbors`` builds the graphs a later predict only loads; predict's log reads line by line;
+    the marker index agrees with the markers; a resume of a finished atlas does not open its inputs."""
+    import shutil
+    import sys
+
+    from conftest import HEART, SPLEEN, predict_args, run
+
+    from pipeline.atlas import layout, load_state
+    from pipeline.atlas.manifest import done_parts
+    from pipeline.io.files import read_json, write_json
+
+    inputs = [tmp_path / "spleen.h5ad", tmp_path / "heart.h5ad"]
+    for source, copy in zip((SPLEEN, HEART), inputs):
+        shutil.copyfile(source, copy)
+    out = tmp_path / "atlas"
+    args = predict_args(out, inputs)
+    proc = run([sys.executable, "-m", "pipeline", "neighbors", *args[4:]])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    graphs = [layout.neighbors_path(out, d) for d in (0, 1)]
+    built = [g.stat().st_mtime_ns for g in graphs]
+    assert "task 0/1: 2 graphs ready, 0 failed" in proc.stdout
+
+    proc = run(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [g.stat().st_mtime_ns for g in graphs] == built  # loaded, not built again
+    logged = proc.stdout + proc.stderr  # pipes: lines, no bar
+    assert "Predicting DataLoader" not in logged and "rank 0: 660 of 660 rows done, 658 cells embedded" in logged
+    assert validate(out) == [] and validate(out, quick=True) == []
+
+    state = load_state(out)
+    markers = sorted(layout.run_dir(out, 0).glob("part_*.done.json"))
+    assert len(markers) == len(state.units) == len(state.done)
+    assert {read_json(m)["part"]: read_json(m) for m in markers} == state.done
+    assert layout.marker_index_path(out, 0, "done").is_file()
+    record = read_json(markers[0])  # a marker rewritten after the index: its new record is read, not the index's
+    write_json(markers[0], {**record, "seconds": 123.0})
+    assert done_parts(out, 0)[record["part"]]["seconds"] == 123.0
+
+    inputs[0].write_bytes(b"not an h5ad file any more")  # a finished dataset is not opened on resume
+    proc = run(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "datasets done 2/2" in proc.stdout and validate(out) == []

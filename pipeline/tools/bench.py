@@ -324,6 +324,8 @@ def main(argv: list[str]) -> int:
                         "(default 100,1000; add 10000 for the full figures, about an hour on 2 cores)")  # fmt: skip
     parser.add_argument("--planned", default="20000,34000", help="--scale: datasets,units of the planned, not "
                         "embedded, atlas whose bookkeeping is timed ('' to skip)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=None, help="--scale: torch threads of the predict processes "
+                        "(default torch's); 1 on a crowded machine, where a forward's threads wait for each other")  # fmt: skip
     args = parser.parse_args(argv)
     if args.scale:
         return scale_main(args)
@@ -381,7 +383,7 @@ def scale_main(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="scatlas-scale-"))
     sizes = [int(x) for x in args.scale_sizes.split(",")]
     planned = tuple(int(x) for x in args.planned.split(",")) if args.planned else None
-    report = scale_bench(sizes, work_dir, planned=planned)
+    report = scale_bench(sizes, work_dir, planned=planned, threads=args.threads)
     report["machine"] = _machine(torch.device("cpu"))
     report["load_average"] = os.getloadavg()
     Path(args.json).write_text(json.dumps(report, indent=1, default=float))

@@ -72,13 +72,17 @@ def build_datasets(n_datasets: int, cells: int, folder: Path) -> Path:
     return folder
 
 
-def predict_costs(input_dir: str, out_dir: str, cells_per_unit: int) -> dict:
+def predict_costs(input_dir: str, out_dir: str, cells_per_unit: int, threads: int | None = None) -> dict:
     """``run_predict`` on ``input_dir`` in this process, with the model's forward timed apart.
 
     Returns wall seconds, forward seconds, seconds to the first forward and
     the process's peak RSS. Run it in a fresh process
     (:func:`pipeline.tools.bench.in_fresh_process`), as a user runs predict.
+    ``threads`` sets torch's threads (on a crowded machine, a forward's threads
+    waiting for each other can make it 15x slower than one thread).
     """
+    import torch
+
     from pipeline.run.module import AtlasPredictor
     from pipeline.run.predict import run_predict
     from pipeline.tools.bench import peak_rss_mib
@@ -97,6 +101,8 @@ def predict_costs(input_dir: str, out_dir: str, cells_per_unit: int) -> dict:
 
     cfg = compose_predict([f"input={input_dir}", f"out_dir={out_dir}", "model=tiny",
                            f"data.cells_per_unit={cells_per_unit}", "trainer=cpu"])  # fmt: skip
+    if threads:
+        torch.set_num_threads(threads)
     AtlasPredictor.predict_step = timed_step
     try:
         t0 = time.perf_counter()
@@ -180,7 +186,8 @@ def planned_atlas(real_out: Path, out: Path, n_datasets: int, n_units: int) -> P
 
 
 def scale_bench(sizes: list[int], work_dir: Path, cells: int = 30, cells_per_unit: int = 15,
-                planned: tuple[int, int] | None = (20_000, 34_000), fresh_process: bool = True) -> dict:  # fmt: skip
+                planned: tuple[int, int] | None = (20_000, 34_000), fresh_process: bool = True,
+                threads: int | None = None) -> dict:  # fmt: skip
     """The figures at each size, their growth exponents and the targets (see the module docstring).
 
     ``fresh_process`` runs each predict in a new Python process, as a user
@@ -193,13 +200,13 @@ def scale_bench(sizes: list[int], work_dir: Path, cells: int = 30, cells_per_uni
         inputs = build_datasets(n, cells, work_dir / f"inputs_{n}")
         out = work_dir / f"atlas_{n}"
         shutil.rmtree(out, ignore_errors=True)
-        call = f"__import__('pipeline.tools.scale', fromlist=['scale']).predict_costs({str(inputs)!r}, {str(out)!r}, {cells_per_unit})"  # fmt: skip
+        call = f"__import__('pipeline.tools.scale', fromlist=['scale']).predict_costs({str(inputs)!r}, {str(out)!r}, {cells_per_unit}, {threads})"  # fmt: skip
         if fresh_process:
             first = in_fresh_process(call)
             again = in_fresh_process(call)  # everything done: the no-op resume
         else:
-            first = predict_costs(str(inputs), str(out), cells_per_unit)
-            again = predict_costs(str(inputs), str(out), cells_per_unit)
+            first = predict_costs(str(inputs), str(out), cells_per_unit, threads)
+            again = predict_costs(str(inputs), str(out), cells_per_unit, threads)
         units = pd.read_parquet(units_path(out))
         row = {"datasets": n, "units": len(units), "cells": n * cells, "exit_code": first["exit_code"],
                "predict_s": first["wall_s"], "forward_s": first["forward_s"],
@@ -216,7 +223,7 @@ def scale_bench(sizes: list[int], work_dir: Path, cells: int = 30, cells_per_uni
         row["marginal_overhead_per_unit_s"] = (row["overhead_s"] - previous["overhead_s"]) / (
             row["units"] - previous["units"]
         )
-    report = {"sizes": rows, "growth": growth_exponents(rows)}
+    report = {"sizes": rows, "growth": growth_exponents(rows), "threads": threads}
     if planned:
         out = planned_atlas(work_dir / f"atlas_{sizes[0]}", work_dir / "planned", *planned)
         figures = {"datasets": planned[0], "units": planned[1]}
