@@ -26,7 +26,7 @@ import pandas as pd
 from configs import compose_predict
 from pipeline import DATA_DIR
 from pipeline.atlas.layout import datasets_path, marker_path, part_file, part_stem, units_path
-from pipeline.atlas.manifest import done_parts
+from pipeline.atlas.manifest import done_parts, index_markers
 from pipeline.io.files import read_json
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
@@ -143,7 +143,7 @@ def planned_atlas(real_out: Path, out: Path, n_datasets: int, n_units: int) -> P
     Its parts are hard links to the files of one real part of ``real_out``,
     with done markers that name them, so the bookkeeping (status, quick
     validate, open_atlas) meets the number of files and markers of an atlas of
-    that size without embedding it. Its cells are not the planned rows (full
+    that size without embedding it, with the marker index a finished run leaves. Its cells are not the planned rows (full
     validate would say so).
     """
     if out.exists():
@@ -182,6 +182,7 @@ def planned_atlas(real_out: Path, out: Path, n_datasets: int, n_units: int) -> P
     table["status"] = "done"
     table.to_parquet(datasets_path(out), index=False)
     shutil.copyfile(real_out / "atlas.json", out / "atlas.json")
+    index_markers(out, run)  # as the end of a predict run leaves it
     return out
 
 
