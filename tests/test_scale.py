@@ -1,5 +1,7 @@
 """``scatlas bench --scale`` at tiny sizes: every figure is measured, sane and consistent with the atlas it made."""
 
+import pytest
+
 from pipeline.atlas.reader import open_atlas
 from pipeline.atlas.state import validate
 from pipeline.tools.scale import print_scale_report, scale_bench
@@ -19,9 +21,10 @@ def test_scale_bench_measures_every_figure(tmp_path, capsys):
             assert row[key] > 0
         assert 100 < row["predict_peak_rss_mib"] < 4096
         assert open_atlas(tmp_path / f"atlas_{n}", progress=False).n_cells == row["n_cells"]
-    assert large["marginal_overhead_per_unit_s"] * 2 == large["marginal_overhead_per_dataset_s"]
+    assert large["marginal_overhead_per_unit_s"] * 2 == pytest.approx(large["marginal_overhead_per_dataset_s"])
     (growth,) = report["growth"]
-    assert growth["from"] == 3 and growth["to"] == 6 and all(isinstance(v, float) for v in growth.values())
+    assert growth["from"] == 3 and growth["to"] == 6
+    assert all(isinstance(v, float) and abs(v) < 20 for k, v in growth.items() if k not in ("from", "to"))
     planned = report["planned"]
     assert planned["n_parts"] == 12 and planned["validate_quick_problems"] == 0 and planned["status_s"] > 0
     # the planned atlas's parts are copies of one real part: a full validate finds their rows are not the plan's
