@@ -1,6 +1,7 @@
 """The ``scatlas`` command.
 
 scatlas predict [key=value ...]   embed datasets (a Hydra app: configs/predict.yaml; --help lists the groups)
+scatlas neighbors [key=value ...] kNN graphs of predict's datasets on CPUs, before the GPU job (SLURM arrays)
 scatlas status ATLAS_DIR          units and cells done, failures, per-rank throughput, ETA
 scatlas validate ATLAS_DIR        exit 0 only if the atlas is complete and consistent
 scatlas bench [--help]            data path, memory, forward and end-to-end throughput figures
@@ -34,40 +35,74 @@ USAGE = __doc__
 
 def predict(argv: list[str]) -> int:
     """Run the Hydra app ``predict`` with ``argv`` as its command line, once the arguments are checked."""
+    from pipeline.analysis.heldout import heldout_report
+    from pipeline.run.predict import run_predict
+
+    return _hydra_command("predict", argv, lambda cfg: run_predict(cfg, extra_lines=heldout_report))
+
+
+def neighbors(argv: list[str]) -> int:
+    """``scatlas neighbors``: the kNN graphs of a predict config's datasets on CPUs (one SLURM array task's share)."""
+    from pipeline.run.predict import run_neighbors
+
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: scatlas neighbors [key=value ...]  (the same config as scatlas predict)\n\nBuild the kNN "
+              "graphs (and sparse copies) of the datasets of a predict run in its out_dir, on CPUs, before the GPU "
+              "job. In a SLURM job array, task SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT takes the datasets "
+              "whose id is that task modulo the count. See slurm/neighbors.sbatch.")  # fmt: skip
+        return 0
+    task, n_tasks = array_task()
+    return _hydra_command("neighbors", argv, lambda cfg: run_neighbors(cfg, task, n_tasks))
+
+
+def array_task() -> tuple[int, int]:
+    """This process's (task, number of tasks) in a SLURM job array; (0, 1) outside one."""
+    if "SLURM_ARRAY_TASK_ID" not in os.environ:
+        return 0, 1
+    task = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    return task, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+
+
+def _hydra_command(name: str, argv: list[str], command) -> int:
+    """Run ``command(cfg)`` as the Hydra app of ``configs/predict.yaml`` with ``argv`` as its overrides.
+
+    The arguments and ``out_dir`` are checked first (one line, nothing created);
+    errors of the environment (full disk, permissions) end as one line with
+    exit 4 and their traceback in the run's log file.
+    """
     import hydra
     from omegaconf import DictConfig
 
     from models import CheckpointError
-    from pipeline.analysis.heldout import heldout_report
     from pipeline.io.files import LockHeld, environment_error
-    from pipeline.run.predict import EXIT_ENVIRONMENT, EXIT_IN_USE, run_predict
+    from pipeline.run.predict import EXIT_ENVIRONMENT, EXIT_IN_USE
 
     problem = predict_argument_problem(argv)
     if problem:
-        print(f"scatlas predict: error: {problem}", file=sys.stderr)
+        print(f"scatlas {name}: error: {problem}", file=sys.stderr)
         return 2
-    exit_code = {"code": 0}
     problem = _out_dir_problem(argv)
     if problem:  # before Hydra, which would fail creating its log folder there with a traceback
-        print(f"scatlas predict: error: {problem}", file=sys.stderr)
+        print(f"scatlas {name}: error: {problem}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     logging.raiseExceptions = False  # a log line that cannot be written (full disk) is dropped, not a traceback
+    exit_code = {"code": 0}
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
     def app(cfg: DictConfig) -> None:
         try:
-            exit_code["code"] = run_predict(cfg, extra_lines=heldout_report)
+            exit_code["code"] = command(cfg)
         except LockHeld as err:
-            print(f"scatlas predict: error: {err}", file=sys.stderr)
+            print(f"scatlas {name}: error: {err}", file=sys.stderr)
             exit_code["code"] = EXIT_IN_USE
         except Exception as err:
             line = environment_error(err, cfg.out_dir)
             if line is not None:
                 _log_traceback(err)
-                print(f"scatlas predict: error: {line}", file=sys.stderr)
+                print(f"scatlas {name}: error: {line}", file=sys.stderr)
                 exit_code["code"] = EXIT_ENVIRONMENT
             elif isinstance(err, (FileNotFoundError, ValueError, CheckpointError)):
-                print(f"scatlas predict: error: {err}", file=sys.stderr)
+                print(f"scatlas {name}: error: {err}", file=sys.stderr)
                 exit_code["code"] = 2
             else:
                 raise
@@ -246,7 +281,7 @@ def validate(argv: list[str]) -> int:
     args = _atlas_args("validate", argv)
     n_invalid = 0
     for atlas_dir in args.atlas_dirs:
-        problems, damaged = check_atlas(atlas_dir, args.run)
+        problems, damaged = check_atlas(atlas_dir, args.run, quick=args.quick)
         state = load_state(atlas_dir, args.run)
         for row in state.datasets[state.datasets.status == "failed"].itertuples():
             print(f"note: dataset {row.dataset} failed and is not in the atlas: {row.error}")
@@ -293,6 +328,8 @@ def _atlas_args(command: str, argv: list[str]) -> argparse.Namespace:
     if command == "validate":
         parser.add_argument("--repair", action="store_true", help="make damaged parts (files missing, changed or "
                             "unreadable) pending, so that the next scatlas predict embeds them again")  # fmt: skip
+        parser.add_argument("--quick", action="store_true", help="check the plan, the done markers and that every "
+                            "part file exists, without reading the files (no checksums, no row checks)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -491,8 +528,8 @@ def _open(parser: argparse.ArgumentParser, argv: list[str]):
     return args, open_atlas(args.atlas_dir, args.run)
 
 
-COMMANDS = {"predict": predict, "status": status, "validate": validate, "bench": bench, "summarize": summarize,
-            "plot": plot, "probe": probe, "export": export, "index": index, "query": query,
+COMMANDS = {"predict": predict, "neighbors": neighbors, "status": status, "validate": validate, "bench": bench,
+            "summarize": summarize, "plot": plot, "probe": probe, "export": export, "index": index, "query": query,
             "train-demo": train_demo}  # fmt: skip
 
 

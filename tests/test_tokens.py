@@ -120,6 +120,7 @@ def test_held_dataset_gives_the_tokens_of_reads_from_the_file(tmp_path, monkeypa
     from pipeline.atlas import layout
     from pipeline.plan.datasets import plan_dataset
     from pipeline.plan.units import Unit
+    from pipeline.run.datamodule import neighbor_files
     from pipeline.tokens import batches as data
     from pipeline.tokens.neighbors import neighbor_chunks, save_neighbors
 
@@ -133,7 +134,7 @@ def test_held_dataset_gives_the_tokens_of_reads_from_the_file(tmp_path, monkeypa
     def batches():
         items = data.UnitBatches([unit], {0: plan}, vocabulary_offsets=config.organism_offsets, max_len=256,
                                  batch_size=64, min_counts=1, min_genes=1, seed=0,
-                                 neighbor_files={0: layout.neighbors_path(tmp_path, 0)})  # fmt: skip
+                                 neighbor_files={0: neighbor_files(tmp_path, 0)})  # fmt: skip
         return items, [items[i] for i in range(len(items))]
 
     held, held_items = batches()
@@ -156,6 +157,7 @@ def test_a_large_dense_dataset_is_read_from_a_sparse_copy_with_the_same_tokens(t
     from pipeline.atlas import layout
     from pipeline.plan.datasets import plan_dataset
     from pipeline.plan.units import Unit
+    from pipeline.run.datamodule import neighbor_files
     from pipeline.tokens import batches as data
     from pipeline.tokens.neighbors import neighbor_chunks, save_neighbors
 
@@ -171,7 +173,7 @@ def test_a_large_dense_dataset_is_read_from_a_sparse_copy_with_the_same_tokens(t
         save_neighbors(layout.neighbors_path(out, 0), neighbor_chunks(plan.matrix))
         items = data.UnitBatches([Unit(0, 0, 0, 200)], {0: plan}, vocabulary_offsets=config.organism_offsets,
                                  max_len=256, batch_size=64, min_counts=1, min_genes=1, seed=0,
-                                 neighbor_files={0: layout.neighbors_path(out, 0)})  # fmt: skip
+                                 neighbor_files={0: neighbor_files(out, 0)})  # fmt: skip
         return plan, copied, [items[i] for i in range(len(items))], items
 
     plan, copied, dense_items, _ = plan_and_batches(tmp_path / "dense")

@@ -8,8 +8,10 @@
     manifest/lock                                held (flock) by the run writing the atlas: its host and pid
     manifest/run_{run}/part_{part}.done.json     written last, after the part's files
     manifest/run_{run}/part_{part}.failed.json   a unit that could not be embedded
+    manifest/run_{run}/{done,failed}_index.json  the markers' records, read once (a cache: the markers decide)
     neighbors/dataset_{id}.npz                   a dataset's kNN graph (metacell models)
     neighbors/dataset_{id}.counts.h5             CSR copy of a large dense count matrix, until the dataset is done
+    neighbors/dataset_{id}.lock                  held by the process building those two
     step_{run}__predict_part_{part}_{rank}_{embs,top3,scores}.npz, _cells.parquet, _dropped.parquet
     index/index.json                             the nearest-neighbour index: settings, parts it covers, its file
     index/cells_{generation}.faiss               the faiss index; a new generation per build or extension
@@ -51,12 +53,27 @@ def marker_path(out_dir, run: int, part: int, kind: str) -> Path:
     return run_dir(out_dir, run) / f"part_{part}.{kind}.json"
 
 
+def is_marker(name: str, kind: str) -> bool:
+    """Whether a file name of ``run_dir`` is a part marker of ``kind`` (``done`` or ``failed``)."""
+    return name.startswith("part_") and name.endswith(f".{kind}.json")
+
+
+def marker_index_path(out_dir, run: int, kind: str) -> Path:
+    """``manifest/run_{run}/{kind}_index.json``: the markers of one kind read so far, so a reader need not open them."""
+    return run_dir(out_dir, run) / f"{kind}_index.json"
+
+
 def run_dir(out_dir, run: int) -> Path:
     return Path(out_dir) / "manifest" / f"run_{run}"
 
 
 def neighbors_path(out_dir, dataset: int) -> Path:
     return Path(out_dir) / "neighbors" / f"dataset_{dataset}.npz"
+
+
+def neighbors_lock_path(out_dir, dataset: int) -> Path:
+    """Held while a process builds the dataset's graph and sparse copy, so no other builds them too."""
+    return Path(out_dir) / "neighbors" / f"dataset_{dataset}.lock"
 
 
 def sparse_copy_path(out_dir, dataset: int) -> Path:

@@ -6,6 +6,7 @@ leaves either the old or the new version of each file.
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.atlas.labels import term_names
-from pipeline.atlas.layout import datasets_path, marker_path, run_dir, units_path
+from pipeline.atlas.layout import datasets_path, is_marker, marker_index_path, marker_path, run_dir, units_path
 from pipeline.io.files import atomic_write, read_json, write_json
 from pipeline.plan.datasets import DatasetPlan
 from pipeline.plan.units import Unit
@@ -89,12 +90,49 @@ def failed_parts(out_dir, run: int) -> dict[int, dict]:
     return _part_records(out_dir, run, "failed")
 
 
+def index_markers(out_dir, run: int) -> tuple[dict[int, dict], dict[int, dict]]:
+    """The done and failed records of a run, read once more and stored in the marker indexes; returns both.
+
+    An index maps each marker's name and identity (inode, modification time,
+    size) to its record, so the next reader opens only the markers written
+    since. The markers stay the truth: a marker gone or rewritten is not taken
+    from the index.
+    """
+    records = []
+    for kind in ("done", "failed"):
+        found, index = _marker_records(out_dir, run, kind)
+        if run_dir(out_dir, run).is_dir():
+            write_json(marker_index_path(out_dir, run, kind), {"format": 1, "markers": index})
+        records.append(found)
+    return records[0], records[1]
+
+
 def _part_records(out_dir, run: int, kind: str) -> dict[int, dict]:
-    records = {}
-    for path in sorted(run_dir(out_dir, run).glob(marker_path(out_dir, run, "*", kind).name)):
-        record = read_json(path)
+    return _marker_records(out_dir, run, kind)[0]
+
+
+def _marker_records(out_dir, run: int, kind: str) -> tuple[dict[int, dict], dict[str, list]]:
+    """part -> record of every marker of one kind, and the index entries (name -> [identity..., record])."""
+    try:
+        entries = [e for e in os.scandir(run_dir(out_dir, run)) if is_marker(e.name, kind)]
+    except FileNotFoundError:
+        return {}, {}
+    try:
+        stored = read_json(marker_index_path(out_dir, run, kind)).get("markers", {})
+    except (OSError, ValueError):
+        stored = {}
+    records, index = {}, {}
+    for entry in entries:
+        try:
+            stat = entry.stat()
+            identity = [entry.inode(), stat.st_mtime_ns, stat.st_size]
+            cached = stored.get(entry.name)
+            record = cached[3] if cached is not None and cached[:3] == identity else read_json(entry.path)
+        except FileNotFoundError:  # replaced or removed while listed
+            continue
         records[int(record["part"])] = record
-    return records
+        index[entry.name] = [*identity, record]
+    return dict(sorted(records.items())), index
 
 
 def mark_done(out_dir, run: int, record: dict) -> None:
@@ -166,10 +204,9 @@ def atlas_description(cfg: DictConfig, model, run: int, runs: list[dict], with_n
     return description
 
 
-def write_datasets_table(out_dir: Path, datasets: list[DatasetPlan], units: list[Unit], run: int) -> pd.DataFrame:
-    """``datasets.parquet``: planning facts plus each dataset's status from the part markers."""
-    done = done_parts(out_dir, run)
-    failed = failed_parts(out_dir, run)
+def write_datasets_table(out_dir: Path, datasets: list[DatasetPlan], units: list[Unit], done: dict[int, dict],
+                         failed: dict[int, dict]) -> pd.DataFrame:  # fmt: skip
+    """``datasets.parquet``: planning facts plus each dataset's status from the part records (done, failed)."""
     units_of: dict[int, list[Unit]] = {}
     for unit in units:
         units_of.setdefault(unit.dataset, []).append(unit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,12 +97,12 @@ def status_report(state: AtlasState) -> str:
     return "\n".join(lines)
 
 
-def validate(out_dir: str | Path, run: int | None = None) -> list[str]:
+def validate(out_dir: str | Path, run: int | None = None, quick: bool = False) -> list[str]:
     """Check an atlas is complete and consistent; returns the problems found (empty = valid). See :func:`check_atlas`."""
-    return check_atlas(out_dir, run)[0]
+    return check_atlas(out_dir, run, quick)[0]
 
 
-def check_atlas(out_dir: str | Path, run: int | None = None) -> tuple[list[str], list[int]]:
+def check_atlas(out_dir: str | Path, run: int | None = None, quick: bool = False) -> tuple[list[str], list[int]]:
     """The problems of an atlas (empty = valid), and the done parts among them whose files are damaged.
 
     Checks: every planned unit is done (or its dataset failed); every part's five
@@ -109,10 +110,14 @@ def check_atlas(out_dir: str | Path, run: int | None = None) -> tuple[list[str],
     across files and with ``atlas.json`` widths; every row of every unit is
     present exactly once, embedded or dropped; no stray part files. A damaged
     part (a file missing, changed or unreadable) is embedded again once
-    :func:`pipeline.atlas.manifest.forget_part` made it pending.
+    :func:`pipeline.atlas.manifest.forget_part` made it pending. ``quick``
+    checks the plan, the markers and that the files exist, without reading them
+    (no checksums, no rows): one listing of the directory.
     """
     state = load_state(out_dir, run)
     out_dir = state.out_dir
+    present = set(os.listdir(out_dir))
+    stray_prefix = part_files_pattern(state.run).rstrip("*")
     problems, damaged = [], []
     width, n_top = state.description["embedding_width"], state.description["top_columns"]
     for unit in state.pending:
@@ -130,20 +135,24 @@ def check_atlas(out_dir: str | Path, run: int | None = None) -> tuple[list[str],
             problems.append(f"part {part}: marker does not match the plan")
             continue
         expected_files.update(record["files"])
-        missing = [f for f in record["files"] if not (out_dir / f).exists()]
-        corrupt = [
-            f for f, digest in record["files"].items() if f not in missing and file_sha256(out_dir / f) != digest
-        ]
+        missing = [f for f in record["files"] if f not in present]
+        corrupt = []
+        if not quick:
+            corrupt = [
+                f for f, digest in record["files"].items() if f not in missing and file_sha256(out_dir / f) != digest
+            ]
         if missing or corrupt:
             problems.append(f"part {part}: " + "; ".join(
                 [f"missing files {missing}"] * bool(missing)
                 + [f"files changed since written (checksum mismatch): {corrupt}"] * bool(corrupt)))  # fmt: skip
             damaged.append(part)
             continue
+        if quick:
+            continue
         found = _check_part(part, unit, read_part(out_dir, record), record, width, n_top)
         problems += found
         damaged += [part] * bool(found)
-    stray = sorted(p.name for p in out_dir.glob(part_files_pattern(state.run)) if p.name not in expected_files)
+    stray = sorted(n for n in present if n.startswith(stray_prefix) and n not in expected_files)
     if stray:
         problems.append(f"{len(stray)} part files not in the manifest: {stray[:5]}")
     return problems + [f"index: {p}" for p in index_problems(out_dir, state.run, state.done)], damaged

@@ -64,7 +64,8 @@ def read_json(path: str | Path) -> dict:
 
 def remove_temporaries(out_dir: str | Path) -> int:
     """Delete leftovers of writes that were interrupted (``.*.tmp``); returns how many."""
-    leftovers = [p for p in Path(out_dir).rglob(".*.tmp") if p.is_file()]
+    leftovers = [Path(folder, name) for folder, _, names in os.walk(out_dir)
+                 for name in names if name.startswith(".") and name.endswith(".tmp")]  # fmt: skip
     for p in leftovers:
         p.unlink(missing_ok=True)
     return len(leftovers)

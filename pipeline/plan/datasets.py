@@ -72,6 +72,25 @@ class DatasetPlan:
         }  # fmt: skip
 
 
+def finished_plan(record: dict, known: dict) -> DatasetPlan:
+    """The plan of a dataset whose every unit is done, from its ``datasets.parquet`` row: its file is not opened.
+
+    It carries what the tables need (cells, organism, genes, warnings) and the
+    input identity the stored plan recorded (``known``), and nothing to read
+    cells with; a resume gives no unit of it to any rank.
+    """
+    warnings = str(record.get("warnings") or "")
+    return DatasetPlan(
+        dataset=int(record["dataset"]), path=str(record["path"]), dataset_id=str(record.get("dataset_id") or ""),
+        metadata=str(record.get("metadata") or ""), n_cells=int(record["n_cells"]),
+        counts_location=str(record.get("counts_location") or ""), gene_organism=str(record.get("organism") or ""),
+        gene_source=str(record.get("gene_source") or ""), n_genes=int(record.get("n_genes") or 0),
+        n_vocab_genes=int(record.get("n_vocab_genes") or 0), vocab_coverage=float(record.get("vocab_coverage") or 0),
+        warnings=warnings.split("; ") if warnings else [], soma_filter=str(record.get("soma_filter") or ""),
+        size=int(known["size"]), mtime_ns=int(known["mtime_ns"]), fingerprint=str(known["fingerprint"]),
+    )  # fmt: skip
+
+
 def cell_organisms(matrix: CountMatrix, default: str | None) -> np.ndarray:
     """Each cell's organism id: obs column, else uns, else ``default`` ('' if none)."""
     if "organism_ontology_term_id" in matrix.obs:

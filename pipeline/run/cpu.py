@@ -20,8 +20,7 @@ def keep_freed_memory() -> bool:
 
     A CPU forward frees and allocates the same large activations batch after
     batch; by default glibc returns them with ``munmap`` and every batch faults
-    its pages in again. Set once the kNN graphs are built, so their large
-    temporaries still go back. Returns False where there is no glibc.
+    its pages in again. Returns False where there is no glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -1,8 +1,10 @@
 """The Lightning data module: the plan -> this rank's units that are not done -> batches.
 
-Before the first batch, each of the rank's datasets is prepared for a metacell
-model (:func:`pipeline.tokens.batches.prepare_dataset`); a dataset that fails
-there is marked failed and the others go on.
+Nothing is built before the first batch: a dataset's kNN graph (metacell
+models) is made where its first batch is tokenized, in a DataLoader worker
+while the forward runs (:meth:`pipeline.tokens.batches.UnitBatches._prepare`),
+or beforehand by ``scatlas neighbors`` on CPUs; a dataset that fails there has
+its units marked failed and the others go on.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.atlas.layout import neighbors_path, sparse_copy_path
-from pipeline.atlas.manifest import done_parts, mark_failed
-from pipeline.io.matrix import DatasetError
+from pipeline.atlas.layout import neighbors_lock_path, neighbors_path, sparse_copy_path
+from pipeline.atlas.manifest import done_parts
 from pipeline.plan.datasets import DatasetPlan
 from pipeline.plan.units import Unit, assign_units
-from pipeline.tokens.batches import UnitBatches, prepare_dataset
+from pipeline.tokens.batches import NeighborFiles, UnitBatches
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +61,13 @@ class AtlasDataModule(L.LightningDataModule):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         done = done_parts(self.out_dir, self.run)
         mine = assign_units([u for u in self.units if u.part not in done], world)[rank]
-        if self.uses_neighbors:
-            for dataset in sorted({u.dataset for u in mine}):
-                try:
-                    prepare_dataset(self.datasets[dataset], neighbors_path(self.out_dir, dataset),
-                                    sparse_copy_path(self.out_dir, dataset), self.n_neighbors, self.seed)  # fmt: skip
-                except DatasetError as err:  # e.g. a bad value past the rows checked at planning
-                    log.error("%s", err)
-                    for unit in (u for u in mine if u.dataset == dataset):
-                        mark_failed(self.out_dir, self.run, unit, rank, str(err))
-                    mine = [u for u in mine if u.dataset != dataset]
         self.rank_units = mine
         log.info("rank %d/%d: %d units, %d cells to embed", rank, world, len(mine), sum(u.n_cells for u in mine))
 
-    def _neighbor_files(self) -> dict[int, Path] | None:
+    def _neighbor_files(self) -> dict[int, NeighborFiles] | None:
         if not self.uses_neighbors:
             return None
-        return {dataset: neighbors_path(self.out_dir, dataset) for dataset in {u.dataset for u in self.rank_units}}
+        return {dataset: neighbor_files(self.out_dir, dataset) for dataset in {u.dataset for u in self.rank_units}}
 
     def predict_dataloader(self) -> DataLoader:
         batches = UnitBatches(
@@ -89,6 +80,7 @@ class AtlasDataModule(L.LightningDataModule):
             min_genes=self.min_genes,
             seed=self.seed,
             neighbor_files=self._neighbor_files(),
+            n_neighbors=self.n_neighbors,
         )
         device_type = self.trainer.strategy.root_device.type
         num_workers = resolve_num_workers(self.num_workers, device_type)
@@ -103,6 +95,12 @@ class AtlasDataModule(L.LightningDataModule):
             prefetch_factor=4 if num_workers else None,
             worker_init_fn=_yield_to_forward if device_type == "cpu" else None,
         )
+
+
+def neighbor_files(out_dir: Path, dataset: int) -> NeighborFiles:
+    """The graph, sparse copy and lock files of a dataset in an atlas directory."""
+    return NeighborFiles(neighbors_path(out_dir, dataset), sparse_copy_path(out_dir, dataset),
+                         neighbors_lock_path(out_dir, dataset))  # fmt: skip
 
 
 def resolve_num_workers(num_workers: int | str, device_type: str) -> int:

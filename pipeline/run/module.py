@@ -19,7 +19,7 @@ class AtlasPredictor(L.LightningModule):
         self.name, self.max_len = name, max_len
 
     def on_predict_start(self) -> None:
-        keep_freed_memory()  # after the kNN graphs (setup), so their large temporaries still go back to the system
+        keep_freed_memory()
         self._fp32_precision = fp32_matmul_precision()  # put back at the end of the run
         if self.device.type == "cpu":
             fast_fp32_matmul(self.model.config.d_model, self.model.config.nhead, self.max_len)

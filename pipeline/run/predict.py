@@ -30,6 +30,7 @@ from rich.console import Console
 
 from pipeline import DATA_DIR
 from pipeline.atlas.layout import (
+    datasets_path,
     description_path,
     lock_path,
     marker_path,
@@ -43,18 +44,22 @@ from pipeline.atlas.manifest import (
     damaged_parts,
     done_parts,
     forget_part,
+    index_markers,
     read_units,
     write_datasets_table,
     write_units,
 )
 from pipeline.io.files import hold_lock, read_json, remove_temporaries, write_json
-from pipeline.plan.datasets import DatasetPlan, plan_dataset
+from pipeline.io.matrix import DatasetError
+from pipeline.plan.datasets import DatasetPlan, dataset_stat, finished_plan, plan_dataset
 from pipeline.plan.inputs import resolve_inputs
 from pipeline.plan.units import Unit, make_units
+from pipeline.run.datamodule import neighbor_files
 from pipeline.run.module import AtlasPredictor
-from pipeline.run.progress import CellsPerSecondBar
+from pipeline.run.progress import progress_callback
 from pipeline.run.signals import install_stop_handlers, stop_requested
 from pipeline.run.writer import PartWriter
+from pipeline.tokens.batches import prepare_locked
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +73,14 @@ DEMO_DATASET = DATA_DIR / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
 # ----------------------------------------------------------------------------- run
 
 
-def plan_run(cfg: DictConfig, vocabulary: dict[str, list[str]]) -> tuple[list[DatasetPlan], list[Unit], list[Unit]]:
+def plan_run(
+    cfg: DictConfig, vocabulary: dict[str, list[str]], run: int
+) -> tuple[list[DatasetPlan], list[Unit], list[Unit]]:
     """Plan every dataset and the units; reuse the stored unit plan of ``out_dir`` if there is one.
+
+    A dataset of the stored plan whose every unit of ``run`` is done, and whose
+    file has the size and modification time recorded, is not opened again: its
+    ``datasets.parquet`` row is its plan.
 
     Returns the datasets, the units, and the stored units of inputs changed
     since they were planned, which ``data.reembed_changed=true`` replaces (new
@@ -86,8 +97,14 @@ def plan_run(cfg: DictConfig, vocabulary: dict[str, list[str]]) -> tuple[list[Da
                 "only be appended) or use another out_dir"
             )
     settings = OmegaConf.to_container(cfg.data, resolve=True)
-    datasets = [plan_dataset(i, path, vocabulary, {**settings, **overrides}, stored.get(i))
-                for i, (path, (_, overrides)) in enumerate(zip(paths, inputs))]  # fmt: skip
+    finished = finished_records(cfg.out_dir, run, stored_units)
+    datasets = []
+    for i, (path, (_, overrides)) in enumerate(zip(paths, inputs)):
+        known = stored.get(i)
+        if i in finished and known and known.get("fingerprint") is not None and unchanged_on_disk(path, known):
+            datasets.append(finished_plan(finished[i], known))
+        else:
+            datasets.append(plan_dataset(i, path, vocabulary, {**settings, **overrides}, known))
     for ds in datasets:
         if ds.status == "failed":
             log.error("%s", ds.error)
@@ -103,6 +120,25 @@ def plan_run(cfg: DictConfig, vocabulary: dict[str, list[str]]) -> tuple[list[Da
     kept = [u for u in stored_units if u.dataset not in changed]
     units = make_units(datasets, int(cfg.data.cells_per_unit), kept)
     return datasets, units, replaced
+
+
+def finished_records(out_dir, run: int, stored_units: list[Unit]) -> dict[int, dict]:
+    """dataset -> its ``datasets.parquet`` row, for the datasets of the stored plan whose every unit is done."""
+    if not stored_units or not datasets_path(out_dir).exists():
+        return {}
+    done = done_parts(out_dir, run)
+    pending = {u.dataset for u in stored_units if u.part not in done}
+    table = pd.read_parquet(datasets_path(out_dir))
+    table = table[~table.dataset.isin(pending) & table.dataset.isin({u.dataset for u in stored_units})]
+    return {int(row["dataset"]): row for row in table.to_dict("records")}
+
+
+def unchanged_on_disk(path: str, known: dict) -> bool:
+    """Whether a file has the size and modification time the stored plan recorded (one ``stat``)."""
+    try:
+        return dataset_stat(path) == (int(known["size"]), int(known["mtime_ns"]))
+    except OSError:
+        return False
 
 
 def input_change(ds: DatasetPlan, known: dict | None) -> str:
@@ -178,10 +214,18 @@ def run_predict(cfg: DictConfig, extra_lines: Callable[[Path, int], list[str]] |
     out_dir.mkdir(parents=True, exist_ok=True)
     install_stop_handlers()
     run = resolve_run(out_dir, cfg.run)
-    writer = PartWriter(out_dir, run)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, CellsPerSecondBar()])
+    writer = PartWriter(out_dir, run, earlier_world_size(out_dir, run))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, progress_callback()])
     with hold_lock(lock_path(out_dir), str(out_dir)) if trainer.global_rank == 0 else nullcontext():
         return _embed(cfg, out_dir, run, trainer, extra_lines)
+
+
+def earlier_world_size(out_dir: Path, run: int) -> int:
+    """The largest world size of the earlier attempts of ``run`` (0 for a new run): the ranks whose part files
+    of a unit a writer may find and replace."""
+    path = description_path(out_dir)
+    runs = read_json(path).get("runs", []) if path.exists() else []
+    return max((a["world_size"] for r in runs if r["run"] == run for a in r["attempts"]), default=0)
 
 
 def _embed(cfg: DictConfig, out_dir: Path, run: int, trainer: L.Trainer, extra_lines) -> int:
@@ -200,12 +244,13 @@ def _embed(cfg: DictConfig, out_dir: Path, run: int, trainer: L.Trainer, extra_l
             f"resume with the same settings, or start a new run with run={max(r['run'] for r in runs) + 1}"
         )
 
-    datasets, units, replaced = plan_run(cfg, model.config.genes)
-    done = done_parts(out_dir, run)
+    datasets, units, replaced = plan_run(cfg, model.config.genes, run)
+    done, failed = index_markers(out_dir, run)
     finished = previous and not replaced and all(unit.part in done for unit in units)
     if finished and not damaged_parts(out_dir, done):  # a finished atlas: nothing to predict, no Lightning noise
         if any(ds.status == "failed" for ds in datasets):
-            print_summary(out_dir, write_datasets_table(out_dir, datasets, units, run), units, run, extra_lines)
+            table = write_datasets_table(out_dir, datasets, units, done, failed)
+            print_summary(out_dir, table, units, run, done, extra_lines)
             return EXIT_DATASETS_FAILED
         if rank_zero_only.rank == 0:
             n_cells = sum(int(record["n_cells"]) for record in done.values())
@@ -234,7 +279,7 @@ def _embed(cfg: DictConfig, out_dir: Path, run: int, trainer: L.Trainer, extra_l
         entry["attempts"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": trainer.world_size,
                                   "command": predict_command()})  # fmt: skip
         write_json(description_file, atlas_description(cfg, model, run, runs))
-        write_datasets_table(out_dir, datasets, units, run)
+        write_datasets_table(out_dir, datasets, units, *index_markers(out_dir, run))
     try:
         trainer.predict(predictor, datamodule=datamodule, return_predictions=False)
     except BaseException:
@@ -247,19 +292,57 @@ def _embed(cfg: DictConfig, out_dir: Path, run: int, trainer: L.Trainer, extra_l
     trainer.strategy.barrier()
     if trainer.global_rank != 0:
         return EXIT_OK
-    table = write_datasets_table(out_dir, datasets, units, run)
+    done, failed = index_markers(out_dir, run)
+    table = write_datasets_table(out_dir, datasets, units, done, failed)
     for dataset in table.dataset[table.status == "done"]:  # a done dataset's sparse copy is not read again
         sparse_copy_path(out_dir, dataset).unlink(missing_ok=True)
     entry["attempts"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json(description_file, atlas_description(cfg, model, run, runs, with_names=True))
-    print_summary(out_dir, table, units, run, extra_lines)
+    print_summary(out_dir, table, units, run, done, extra_lines)
     return EXIT_DATASETS_FAILED if (table.status == "failed").any() else EXIT_OK
 
 
-def print_summary(out_dir: Path, table: pd.DataFrame, units: list[Unit], run: int, extra_lines=None) -> None:
+def run_neighbors(cfg: DictConfig, task: int = 0, n_tasks: int = 1) -> int:
+    """``scatlas neighbors``: the kNN graphs (and sparse copies) of the datasets left to embed, on CPUs only.
+
+    Array task ``task`` of ``n_tasks`` takes the datasets whose id is ``task``
+    modulo ``n_tasks``. Run before the GPU job (same config, same ``out_dir``),
+    it leaves the predict run only graphs to load; a graph being built by
+    another process is waited for, not built twice. Returns 0, or 3 if a
+    dataset failed (predict records it when it reaches it).
+    """
+    from models import build_model
+
+    out_dir = Path(cfg.out_dir)
+    model = build_model(cfg.model.name, cfg.model.checkpoint, int(cfg.seed))
+    if model.config.expr_emb_style != "metacell":
+        print(f"model {cfg.model.name} uses no neighbours: nothing to build")
+        return EXIT_OK
+    run = resolve_run(out_dir, cfg.run)
+    datasets, units, _ = plan_run(cfg, model.config.genes, run)
+    done = done_parts(out_dir, run)
+    to_embed = {u.dataset for u in units if u.part not in done}
+    mine = [d for d in datasets if d.dataset in to_embed and d.dataset % n_tasks == task]
+    n_failed = 0
+    for ds in mine:
+        start = time.perf_counter()
+        try:
+            prepare_locked(ds, neighbor_files(out_dir, ds.dataset), int(cfg.data.n_neighbors), int(cfg.seed))
+        except DatasetError as err:
+            log.error("%s", err)
+            n_failed += 1
+            continue
+        print(
+            f"dataset {ds.dataset}: graph ready in {time.perf_counter() - start:.1f} s ({ds.n_cells:,} cells, {ds.path})"
+        )
+    print(f"task {task}/{n_tasks}: {len(mine) - n_failed} graphs ready, {n_failed} failed, in {out_dir}")
+    return EXIT_DATASETS_FAILED if n_failed else EXIT_OK
+
+
+def print_summary(out_dir: Path, table: pd.DataFrame, units: list[Unit], run: int, done: dict[int, dict],
+                  extra_lines=None) -> None:  # fmt: skip
     """The end-of-run report; lines are never wrapped, so the commands it ends with can be pasted."""
     console = Console(stderr=False, soft_wrap=True)
-    done = done_parts(out_dir, run)
     console.print(f"[bold]atlas[/bold] {out_dir.resolve()}  (run {run})")
     console.print(
         f"units done {sum(u.part in done for u in units)}/{len(units)}, cells embedded "

@@ -9,9 +9,11 @@ neighbours; paths are given by the caller, which owns the atlas layout.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -38,6 +40,15 @@ HELD_VALUES = 16_000_000
 HELD_BLOCK_ROWS = 4096
 
 
+@dataclass(frozen=True)
+class NeighborFiles:
+    """Where a dataset's kNN graph, its sparse copy and the lock that guards their making are (given by the caller)."""
+
+    graph: Path
+    sparse_copy: Path
+    lock: Path
+
+
 def prepare_dataset(ds: DatasetPlan, neighbors_file: Path, sparse_copy_file: Path, n_neighbors: int, seed: int) -> None:
     """Make a dataset ready for a metacell model: its counts read from a sparse copy when large and dense
     (:func:`ensure_sparse_copy`), and its kNN graph in ``neighbors_file``, computed unless a graph of its
@@ -51,6 +62,25 @@ def prepare_dataset(ds: DatasetPlan, neighbors_file: Path, sparse_copy_file: Pat
         pass
     log.info("%s: computing the %d-nearest-neighbour graph of %d cells", ds.path, n_neighbors, ds.n_cells)
     save_neighbors(neighbors_file, neighbor_chunks(ds.matrix, n_neighbors=n_neighbors, seed=seed))
+
+
+def prepare_locked(ds: DatasetPlan, files: NeighborFiles, n_neighbors: int, seed: int) -> None:
+    """:func:`prepare_dataset` under an exclusive lock on ``files.lock``, so that two processes (ranks,
+    DataLoader workers, CPU array tasks) never build the same graph: the second waits, then finds it made.
+    A file system without ``flock`` runs unlocked (both may build it; the writes are atomic)."""
+    files.lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(files.lock, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        try:
+            prepare_dataset(ds, files.graph, files.sparse_copy, n_neighbors, seed)
+        finally:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+            except OSError:
+                pass
 
 
 def ensure_sparse_copy(ds: DatasetPlan, path: Path) -> bool:
@@ -122,13 +152,16 @@ class UnitBatches(Dataset):
         min_counts: int,
         min_genes: int,
         seed: int,
-        neighbor_files: Mapping[int, Path] | None,
+        neighbor_files: Mapping[int, NeighborFiles] | None,
+        n_neighbors: int = 6,
     ):
         self.datasets = datasets
         self.offsets = vocabulary_offsets
         self.max_len, self.seed = max_len, seed
         self.min_counts, self.min_genes = min_counts, min_genes
         self.neighbor_files = neighbor_files  # dataset -> its kNN graph; None: the model uses no neighbours
+        self.n_neighbors = n_neighbors
+        self._prepared: dict[int, str] = {}  # dataset -> "" once ready in this process, else the error it failed with
         self.items = []  # (unit, start, stop, last)
         for unit in units:
             for start in range(unit.start, unit.stop, batch_size):
@@ -152,8 +185,28 @@ class UnitBatches(Dataset):
             batch["error"] = f"{self.datasets[unit.dataset].path}: rows {start}-{stop}: {type(err).__name__}: {err}"
         return batch
 
+    def _prepare(self, ds: DatasetPlan) -> None:
+        """The first time this process reaches a dataset: its graph and sparse copy (:func:`prepare_locked`).
+
+        Done here, in the worker (or between forwards), not all at once before
+        the first batch; a dataset that fails here fails every batch of it with
+        the same error, and the other datasets go on.
+        """
+        if ds.dataset not in self._prepared:
+            try:
+                prepare_locked(ds, self.neighbor_files[ds.dataset], self.n_neighbors, self.seed)
+                self._prepared[ds.dataset] = ""
+            except DatasetError as err:  # e.g. a bad value past the rows checked at planning
+                self._prepared[ds.dataset] = str(err)
+            except Exception as err:  # noqa: BLE001 - one broken dataset must not stop the run
+                self._prepared[ds.dataset] = f"{ds.path}: neighbour graph: {type(err).__name__}: {err}"
+        if self._prepared[ds.dataset]:
+            raise DatasetError(ds.path, self._prepared[ds.dataset].removeprefix(f"{ds.path}: "))
+
     def _tokenize(self, dataset: int, start: int, stop: int) -> dict:
         ds = self.datasets[dataset]
+        if self.neighbor_files is not None:
+            self._prepare(ds)
         vocab, n_counts = self._read_cells(ds, start, stop)
         rows = np.arange(start, stop)
         n_genes = np.diff(vocab.indptr)
@@ -211,7 +264,7 @@ class UnitBatches(Dataset):
         at an all-zero last row.
         """
         if self._neighbors[0] != ds.dataset:
-            self._neighbors = (ds.dataset, load_neighbors(self.neighbor_files[ds.dataset]))
+            self._neighbors = (ds.dataset, load_neighbors(self.neighbor_files[ds.dataset].graph))
         indices, distances = self._neighbors[1]
         idx, dist = indices[rows], distances[rows].copy()
         unique, inverse = np.unique(idx, return_inverse=True)

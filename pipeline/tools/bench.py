@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -317,7 +318,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", default="bench.json", help="where to write the figures")
     parser.add_argument("--compare-upstream", action="store_true",
                         help="also time upstream scprint2's forward on the same shape and weights")  # fmt: skip
+    parser.add_argument("--scale", action="store_true", help="instead: the scale figures, an atlas of many small "
+                        "datasets (see --scale-sizes, --planned)")  # fmt: skip
+    parser.add_argument("--scale-sizes", default="100,1000", help="--scale: numbers of 30-cell datasets embedded "
+                        "(default 100,1000; add 10000 for the full figures, about an hour on 2 cores)")  # fmt: skip
+    parser.add_argument("--planned", default="20000,34000", help="--scale: datasets,units of the planned, not "
+                        "embedded, atlas whose bookkeeping is timed ('' to skip)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=None, help="--scale: torch threads of the predict processes "
+                        "(default torch's); 1 on a crowded machine, where a forward's threads wait for each other")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.scale:
+        return scale_main(args)
     keep_freed_memory()  # the forward runs as in scatlas predict
     warnings.filterwarnings("ignore", message=".*random weights.*")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -365,13 +376,27 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def scale_main(args: argparse.Namespace) -> int:
+    """``scatlas bench --scale``: figures of :func:`pipeline.tools.scale.scale_bench`, printed and written as JSON."""
+    from pipeline.tools.scale import print_scale_report, scale_bench
+
+    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="scatlas-scale-"))
+    sizes = [int(x) for x in args.scale_sizes.split(",")]
+    planned = tuple(int(x) for x in args.planned.split(",")) if args.planned else None
+    report = scale_bench(sizes, work_dir, planned=planned, threads=args.threads)
+    report["machine"] = _machine(torch.device("cpu"))
+    report["load_average"] = os.getloadavg()
+    Path(args.json).write_text(json.dumps(report, indent=1, default=float))
+    print_scale_report(report)
+    print(f"figures written to {args.json}")
+    return 0
+
+
 def _preset_max_len(name: str) -> int:
     return int(predict_config(name).model.max_len)
 
 
 def _machine(device: torch.device) -> dict:
-    import os
-
     info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "torch": torch.__version__}  # fmt: skip
     if device.type == "cuda":

@@ -14,6 +14,7 @@ from configs import compose_predict
 from pipeline.atlas.layout import neighbors_path, sparse_copy_path
 from pipeline.plan.datasets import DatasetPlan, plan_dataset
 from pipeline.plan.units import Unit
+from pipeline.run.datamodule import neighbor_files
 from pipeline.tokens.batches import UnitBatches, prepare_dataset
 
 
@@ -48,5 +49,6 @@ def whole_file_batches(plans: list[DatasetPlan], vocabulary_offsets: dict[str, i
         vocabulary_offsets=vocabulary_offsets, max_len=int(cfg.model.max_len),
         batch_size=int(batch_size or cfg.data.batch_size), min_counts=int(cfg.data.min_counts),
         min_genes=int(cfg.data.min_genes), seed=int(cfg.seed if seed is None else seed),
-        neighbor_files=None if work_dir is None else {p.dataset: neighbors_path(work_dir, p.dataset) for p in plans},
+        neighbor_files=None if work_dir is None else {p.dataset: neighbor_files(work_dir, p.dataset) for p in plans},
+        n_neighbors=int(cfg.data.n_neighbors),
     )  # fmt: skip

@@ -1,0 +1,81 @@
+"""``scatlas bench --scale`` at tiny sizes: every figure is measured, sane and consistent with the atlas it made."""
+
+import pytest
+
+from pipeline.atlas.reader import open_atlas
+from pipeline.atlas.state import validate
+from pipeline.tools.scale import print_scale_report, scale_bench
+
+
+def test_scale_bench_measures_every_figure(tmp_path, capsys):
+    report = scale_bench([3, 6], tmp_path, cells=30, cells_per_unit=15, planned=(8, 12), fresh_process=False)
+    small, large = report["sizes"]
+    for row, n in ((small, 3), (large, 6)):
+        assert row["datasets"] == n and row["units"] == 2 * n and row["cells"] == 30 * n
+        assert row["exit_code"] == 0
+        assert 0 < row["forward_s"] < row["predict_s"] and 0 < row["first_forward_s"] < row["predict_s"]
+        assert row["noop_resume_batches"] == 0 and row["noop_resume_s"] > 0  # nothing embedded again
+        assert row["validate_problems"] == 0 and row["validate_quick_problems"] == 0
+        assert row["n_parts"] == 2 * n and row["to_anndata_cells"] == row["n_cells"] > 0.9 * 30 * n
+        for key in ("status_s", "validate_s", "validate_quick_s", "summarize_s", "open_atlas_s", "to_anndata_s"):
+            assert row[key] > 0
+        assert 100 < row["predict_peak_rss_mib"] < 4096
+        assert open_atlas(tmp_path / f"atlas_{n}", progress=False).n_cells == row["n_cells"]
+    assert large["marginal_overhead_per_unit_s"] * 2 == pytest.approx(large["marginal_overhead_per_dataset_s"])
+    (growth,) = report["growth"]
+    assert growth["from"] == 3 and growth["to"] == 6
+    assert all(isinstance(v, float) and abs(v) < 20 for k, v in growth.items() if k not in ("from", "to"))
+    planned = report["planned"]
+    assert planned["n_parts"] == 12 and planned["validate_quick_problems"] == 0 and planned["status_s"] > 0
+    # the planned atlas's parts are copies of one real part: a full validate finds their rows are not the plan's
+    assert any("not exactly rows" in p or "another dataset" in p for p in validate(tmp_path / "planned"))
+    assert {t["target"].split(" ")[0] for t in report["targets"]} >= {"main-process", "every", "status", "quick"}
+    assert all(isinstance(t["met"], bool) for t in report["targets"])
+    print_scale_report(report)
+    printed = capsys.readouterr().out
+    assert "growth exponent 3 -> 6 datasets" in printed and "planned atlas, 8 datasets / 12 units" in printed
+
+
+def test_neighbors_step_then_predict_reads_line_logs_and_resumes_without_opening_done_files(tmp_path):
+    """``scatlas neighbors`` builds the graphs a later predict only loads; predict's log reads line by line;
+    the marker index agrees with the markers; a resume of a finished atlas does not open its inputs."""
+    import shutil
+    import sys
+
+    from conftest import HEART, SPLEEN, predict_args, run
+
+    from pipeline.atlas import layout, load_state
+    from pipeline.atlas.manifest import done_parts
+    from pipeline.io.files import read_json, write_json
+
+    inputs = [tmp_path / "spleen.h5ad", tmp_path / "heart.h5ad"]
+    for source, copy in zip((SPLEEN, HEART), inputs):
+        shutil.copyfile(source, copy)
+    out = tmp_path / "atlas"
+    args = predict_args(out, inputs)
+    proc = run([sys.executable, "-m", "pipeline", "neighbors", *args[4:]])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    graphs = [layout.neighbors_path(out, d) for d in (0, 1)]
+    built = [g.stat().st_mtime_ns for g in graphs]
+    assert "task 0/1: 2 graphs ready, 0 failed" in proc.stdout
+
+    proc = run(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [g.stat().st_mtime_ns for g in graphs] == built  # loaded, not built again
+    logged = proc.stdout + proc.stderr  # pipes: lines, no bar
+    assert "Predicting DataLoader" not in logged and "rank 0: 660 of 660 rows done, 658 cells embedded" in logged
+    assert validate(out) == [] and validate(out, quick=True) == []
+
+    state = load_state(out)
+    markers = sorted(layout.run_dir(out, 0).glob("part_*.done.json"))
+    assert len(markers) == len(state.units) == len(state.done)
+    assert {read_json(m)["part"]: read_json(m) for m in markers} == state.done
+    assert layout.marker_index_path(out, 0, "done").is_file()
+    record = read_json(markers[0])  # a marker rewritten after the index: its new record is read, not the index's
+    write_json(markers[0], {**record, "seconds": 123.0})
+    assert done_parts(out, 0)[record["part"]]["seconds"] == 123.0
+
+    inputs[0].write_bytes(b"not an h5ad file any more")  # a finished dataset is not opened on resume
+    proc = run(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "datasets done 2/2" in proc.stdout and validate(out) == []
