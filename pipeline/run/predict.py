@@ -29,7 +29,7 @@ from pipeline.io.files import read_json, remove_temporaries, write_json
 from pipeline.plan.datasets import DatasetPlan, plan_dataset
 from pipeline.plan.inputs import resolve_inputs
 from pipeline.plan.units import Unit, make_units
-from pipeline.run.module import AtlasPredictor
+from pipeline.run.module import AtlasPredictor, forward_numerics, precision_warning
 from pipeline.run.progress import CellsPerSecondBar
 from pipeline.run.signals import install_stop_handlers, stop_requested
 from pipeline.run.writer import PartWriter
@@ -126,7 +126,13 @@ def run_predict(cfg: DictConfig, extra_lines: Callable[[Path, int], list[str]] |
         uses_neighbors=model.config.expr_emb_style == "metacell",
     )  # fmt: skip
     writer = PartWriter(out_dir, run)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, CellsPerSecondBar()])
+
+    def record_numerics(numerics: dict) -> None:
+        entry["attempts"][-1].update(numerics)
+        write_json(description_file, atlas_description(cfg, model, run, runs))
+
+    numerics = NumericsReport(record_numerics)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, CellsPerSecondBar(), numerics])
     if trainer.global_rank == 0:
         remove_temporaries(out_dir)
         write_units(out_dir, units, {d.dataset: d.path for d in datasets})
@@ -155,6 +161,25 @@ def run_predict(cfg: DictConfig, extra_lines: Callable[[Path, int], list[str]] |
     write_json(description_file, atlas_description(cfg, model, run, runs, with_names=True))
     print_summary(out_dir, table, units, run, extra_lines)
     return EXIT_DATASETS_FAILED if (table.status == "failed").any() else EXIT_OK
+
+
+class NumericsReport(L.Callback):
+    """On rank 0, once the forward's settings are chosen: one log line with the device, precision and fp32
+    matmul mode, a warning for 16-bit autocast on a CPU, and ``record(numerics)`` (the attempt in ``atlas.json``)."""
+
+    def __init__(self, record: Callable[[dict], None]):
+        self.record = record
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        numerics = forward_numerics(pl_module.device, trainer.precision)
+        log.info("forward on %s, precision %s, fp32 matmul mode %s", *numerics.values())
+        warning = precision_warning(numerics)
+        if warning:
+            log.warning("%s", warning)
+            numerics["warning"] = warning
+        self.record(numerics)
 
 
 def print_summary(out_dir: Path, table: pd.DataFrame, units: list[Unit], run: int, extra_lines=None) -> None:
