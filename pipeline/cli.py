@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -44,9 +45,37 @@ def predict(argv: list[str]) -> int:
         if exit_code["code"]:  # also what a Hydra launcher (submitit) sees as the job's status
             sys.exit(exit_code["code"])
 
-    sys.argv = [str(Path(__file__).with_name("__main__.py")), *argv]  # DDP re-launches this file on each rank
+    sys.argv = [str(Path(__file__).with_name("__main__.py")), *quote_paths(argv)]  # DDP re-launches this file
     app()
     return exit_code["code"]
+
+
+def quote_paths(overrides: list[str]) -> list[str]:
+    """The overrides, each value that is an existing file or directory in Hydra quotes where Hydra would misread it.
+
+    To a user, ``'input=/data/my run, v2/x.h5ad'`` is one path; Hydra reads the
+    comma as a sweep (and brackets, quotes, ``=`` as its grammar) unless the
+    value is quoted for it: ``input="/data/my run, v2/x.h5ad"``.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+
+    def value_of(override: str):
+        try:
+            return parser.parse_override(override).value()
+        except Exception:  # noqa: BLE001 - any parse error: Hydra reports it when it parses the command line
+            return None
+
+    quoted = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and not key.startswith("-") and os.path.exists(value) and value_of(override) != value:
+            escaped = value.replace('"', '\\"')
+            candidate = f'{key}="{escaped}"'
+            override = candidate if value_of(candidate) == value else override
+        quoted.append(override)
+    return quoted
 
 
 def status(argv: list[str]) -> int:

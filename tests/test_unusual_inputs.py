@@ -2,16 +2,19 @@
 a mouse file labelled human, paths with spaces and commas, 16-bit autocast on a CPU."""
 
 import json
+import sys
 
 import anndata
 import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import HEART, SPLEEN, cells_and_outputs, predict_args, run
+from conftest import FAST, HEART, SPLEEN, cells_and_outputs, predict_args, run
 
+from configs import compose_predict
 from models.presets import preset_config
 from pipeline.atlas import validate
+from pipeline.cli import quote_paths
 from pipeline.io.formats import open_counts
 from pipeline.plan.datasets import plan_dataset
 
@@ -83,8 +86,8 @@ def test_old_anndata_layout_reads_as_anndata_reads_it(tmp_path):
 
 @pytest.fixture(scope="module")
 def unusual(tmp_path_factory):
-    """One run over a folder named like a shared drive's: a modern and an old-layout heart, a file from a newer
-    anndata, a mouse file labelled human, and a catalog that gives that file its organism."""
+    """One run over a folder named like a shared drive's, listed by a catalog: a modern and an old-layout heart, a
+    file from a newer anndata, a mouse file labelled human, and the same file with its organism in the catalog."""
     folder = tmp_path_factory.mktemp("drive") / "my run, v2"
     folder.mkdir()
     heart = folder / "heart.h5ad"
@@ -95,24 +98,33 @@ def unusual(tmp_path_factory):
     with h5py.File(newer, "r+") as f:
         f["obs"].attrs["encoding-version"] = "9.9.9"
     mislabelled = write_relabelled(folder / "spleen, as human.h5ad", SPLEEN, HUMAN, symbols_only=True)
+    inputs = [heart, old, newer, mislabelled, mislabelled]
     catalog = folder / "catalog.csv"
-    pd.DataFrame({"path": [mislabelled.name], "organism": ["mouse"]}).to_csv(catalog, index=False)
+    pd.DataFrame({"path": [p.name for p in inputs], "organism": ["", "", "", "", "mouse"]}).to_csv(catalog, index=False)
     out = folder / "atlas"
-    inputs = [heart, old, newer, mislabelled, catalog]
-    # Hydra's quoting: the whole override in single quotes for the shell, each path in double quotes for Hydra
-    args = predict_args(out, [f'"{path}"' for path in inputs])
-    args[args.index(f"out_dir={out}")] = f'out_dir="{out}"'
-    proc = run(args)
+    # an existing path needs no Hydra quotes; out_dir, which does not exist yet, is in Hydra's double quotes
+    proc = run([sys.executable, "-m", "pipeline", "predict", f"input={catalog}", f'out_dir="{out}"', *FAST])
     return proc, out, inputs
 
 
-def test_paths_with_spaces_and_commas_in_hydra_quotes(unusual):
+def test_paths_with_spaces_and_commas(unusual):
     proc, out, inputs = unusual
     assert proc.returncode == 3, proc.stderr[-3000:]  # two datasets fail, below
     datasets = pd.read_parquet(out / "datasets.parquet")
-    assert list(datasets.path) == [str(p) for p in inputs[:4]] + [str(inputs[3])]  # the catalog's row, resolved
+    assert list(datasets.path) == list(map(str, inputs))
     assert list(datasets.status) == ["done", "done", "failed", "failed", "done"]
     assert validate(out) == []
+
+
+def test_an_existing_path_is_one_value_whatever_its_characters(tmp_path):
+    folder = tmp_path / "my run, v2"
+    folder.mkdir()
+    path = folder / 'x [1] "q", y=z.h5ad'
+    path.write_bytes(HEART.read_bytes())
+    for value in (path, folder):
+        assert compose_predict(quote_paths([f"input={value}"])).input == str(value)
+    lists = ["input=[a.h5ad,b.h5ad]", "model=tiny"]  # other values are left to Hydra
+    assert quote_paths(lists) == lists
 
 
 def test_old_layout_is_embedded_like_the_modern_file_beside_a_failed_one(unusual):
