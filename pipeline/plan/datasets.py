@@ -100,10 +100,8 @@ def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], sett
         plan.status, plan.error = "failed", str(DatasetError(path, " ".join(str(err).split())))
     except Exception as err:  # noqa: BLE001 - anything else a reader raises fails this dataset, not the run
         log.debug("%s: planning failed", path, exc_info=True)
-        plan.status, plan.error = (
-            "failed",
-            str(DatasetError(path, f"{type(err).__name__}: {' '.join(str(err).split())}")),
-        )
+        message = " ".join(str(err).split())
+        plan.status, plan.error = "failed", str(DatasetError(path, f"{type(err).__name__}: {message}"))
     return plan
 
 
