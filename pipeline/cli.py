@@ -61,16 +61,22 @@ def quote_paths(overrides: list[str]) -> list[str]:
 
     parser = OverridesParser.create()
 
+    unreadable = object()
+
     def value_of(override: str):
         try:
             return parser.parse_override(override).value()
         except Exception:  # noqa: BLE001 - any parse error: Hydra reports it when it parses the command line
-            return None
+            return unreadable
+
+    def misread(override: str, value: str) -> bool:  # a number, true/false or null is meant as such
+        parsed = value_of(override)
+        return parsed is unreadable or not (parsed == value or parsed is None or isinstance(parsed, (int, float)))
 
     quoted = []
     for override in overrides:
         key, sep, value = override.partition("=")
-        if sep and not key.startswith("-") and os.path.exists(value) and value_of(override) != value:
+        if sep and not key.startswith("-") and os.path.exists(value) and misread(override, value):
             escaped = value.replace('"', '\\"')
             candidate = f'{key}="{escaped}"'
             override = candidate if value_of(candidate) == value else override

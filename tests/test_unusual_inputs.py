@@ -116,15 +116,18 @@ def test_paths_with_spaces_and_commas(unusual):
     assert validate(out) == []
 
 
-def test_an_existing_path_is_one_value_whatever_its_characters(tmp_path):
+def test_an_existing_path_is_one_value_whatever_its_characters(tmp_path, monkeypatch):
     folder = tmp_path / "my run, v2"
     folder.mkdir()
     path = folder / 'x [1] "q", y=z.h5ad'
     path.write_bytes(HEART.read_bytes())
     for value in (path, folder):
         assert compose_predict(quote_paths([f"input={value}"])).input == str(value)
-    lists = ["input=[a.h5ad,b.h5ad]", "model=tiny"]  # other values are left to Hydra
-    assert quote_paths(lists) == lists
+    (tmp_path / "64").mkdir()
+    others = ["input=[a.h5ad,b.h5ad]", "model=tiny", f"out_dir={tmp_path}"]  # values Hydra reads as meant
+    assert quote_paths(others) == others
+    monkeypatch.chdir(tmp_path)
+    assert quote_paths(["data.batch_size=64"]) == ["data.batch_size=64"]  # a number, even where a file has its name
 
 
 def test_old_layout_is_embedded_like_the_modern_file_beside_a_failed_one(unusual):
