@@ -2,6 +2,7 @@
 a mouse file labelled human, paths with spaces and commas, 16-bit autocast on a CPU."""
 
 import json
+import shutil
 import sys
 
 import anndata
@@ -62,6 +63,28 @@ def write_old_h5ad(path, source):
     return path
 
 
+def write_h5ad_0_7(path, source):
+    """``source`` with obs in the layout of anndata 0.7: columns as datasets, a categorical's codes referring to
+    its categories in ``obs/__categories`` (an HDF5 object reference in the ``categories`` attribute)."""
+    shutil.copy(source, path)
+    obs = anndata.read_h5ad(source).obs
+    with h5py.File(path, "r+") as f:
+        del f["obs"]
+        group = f.create_group("obs")
+        group.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.1.0", "_index": "_index",
+                            "column-order": list(obs.columns)})  # fmt: skip
+        group.create_dataset("_index", data=obs.index.to_numpy(object), dtype=VLEN_STR)
+        categories = group.create_group("__categories")
+        for name, column in obs.items():
+            if isinstance(column.dtype, pd.CategoricalDtype):
+                categories.create_dataset(name, data=column.cat.categories.astype(str).to_numpy(object),
+                                          dtype=VLEN_STR)  # fmt: skip
+                group.create_dataset(name, data=column.cat.codes.to_numpy()).attrs["categories"] = categories[name].ref
+            else:
+                group.create_dataset(name, data=column.to_numpy())
+    return path
+
+
 def write_relabelled(path, source, organism, symbols_only):
     """``source`` with every cell's obs organism set to ``organism`` (and its Ensembl id column dropped)."""
     adata = anndata.read_h5ad(source)
@@ -72,11 +95,12 @@ def write_relabelled(path, source, organism, symbols_only):
     return path
 
 
-def test_old_anndata_layout_reads_as_anndata_reads_it(tmp_path):
-    old = write_old_h5ad(tmp_path / "old.h5ad", HEART)
-    expected = anndata.read_h5ad(old)  # anndata still reads the layout, categories from uns included
+@pytest.mark.parametrize("write", [write_old_h5ad, write_h5ad_0_7])
+def test_old_anndata_layouts_read_as_anndata_reads_them(tmp_path, write):
+    old = write(tmp_path / "old.h5ad", HEART)
+    expected = anndata.read_h5ad(old)  # anndata still reads these layouts, categories included
     with open_counts(old) as matrix, open_counts(HEART) as modern:
-        assert matrix.counts_location == "raw/X"  # raw.X in this layout; X is normalised
+        assert matrix.counts_location == "raw/X"  # raw.X in the layout of anndata < 0.7; X is normalised
         assert (matrix.read_rows(0, matrix.n_cells) != modern.read_rows(0, modern.n_cells)).nnz == 0
         pd.testing.assert_frame_equal(matrix.obs, expected.obs, check_index_type=False)
         assert matrix.obs.organism_ontology_term_id.value_counts().to_dict() == {HUMAN: 318, "NCBITaxon:9541": 1,
