@@ -77,6 +77,7 @@ def _hydra_command(name: str, argv: list[str], command) -> int:
     from pipeline.io.files import LockHeld, environment_error
     from pipeline.run.predict import EXIT_ENVIRONMENT, EXIT_IN_USE
 
+    argv = quote_paths(argv)  # an existing path with a comma or a space, as one value
     problem = predict_argument_problem(argv)
     if problem:
         print(f"scatlas {name}: error: {problem}", file=sys.stderr)
@@ -109,7 +110,7 @@ def _hydra_command(name: str, argv: list[str], command) -> int:
         if exit_code["code"]:  # also what a Hydra launcher (submitit) sees as the job's status
             sys.exit(exit_code["code"])
 
-    sys.argv = [str(Path(__file__).with_name("__main__.py")), *argv]  # DDP re-launches this file on each rank
+    sys.argv = [str(Path(__file__).with_name("__main__.py")), *quote_paths(argv)]  # DDP re-launches this file
     app()
     return exit_code["code"]
 
@@ -262,6 +263,40 @@ def _out_dir_problem(argv: list[str]) -> str | None:
     if space.f_bavail * space.f_frsize < 1 << 16:  # less than Hydra writes before the run starts
         return environment_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(existing)), out_dir)
     return None
+
+
+def quote_paths(overrides: list[str]) -> list[str]:
+    """The overrides, each value that is an existing file or directory in Hydra quotes where Hydra would misread it.
+
+    To a user, ``'input=/data/my run, v2/x.h5ad'`` is one path; Hydra reads the
+    comma as a sweep (and brackets, quotes, ``=`` as its grammar) unless the
+    value is quoted for it: ``input="/data/my run, v2/x.h5ad"``.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+
+    unreadable = object()
+
+    def value_of(override: str):
+        try:
+            return parser.parse_override(override).value()
+        except Exception:  # noqa: BLE001 - any parse error: Hydra reports it when it parses the command line
+            return unreadable
+
+    def misread(override: str, value: str) -> bool:  # a number, true/false or null is meant as such
+        parsed = value_of(override)
+        return parsed is unreadable or not (parsed == value or parsed is None or isinstance(parsed, (int, float)))
+
+    quoted = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and not key.startswith("-") and os.path.exists(value) and misread(override, value):
+            escaped = value.replace('"', '\\"')
+            candidate = f'{key}="{escaped}"'
+            override = candidate if value_of(candidate) == value else override
+        quoted.append(override)
+    return quoted
 
 
 def status(argv: list[str]) -> int:

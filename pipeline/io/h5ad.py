@@ -9,6 +9,7 @@ import warnings
 import anndata
 import anndata.io
 import numpy as np
+import pandas as pd
 import zarr
 
 from pipeline.io.matrix import (
@@ -18,6 +19,7 @@ from pipeline.io.matrix import (
     CountMatrix,
     CSRRows,
     DatasetError,
+    as_text,
     check_not_peaks,
     check_readable,
     check_shape,
@@ -103,15 +105,12 @@ def _build_count_matrix(path, root, counts, kind, h5_file):
         what = "an h5ad file" if kind == "h5ad" else "an AnnData zarr store"
         raise DatasetError(path, f"is not {what} (no obs/var tables)")
     location = _choose_counts_location(path, root, counts)
-    element = root[location]
+    element = _element(root, location)
     n_cells, n_genes = _element_shape(element)
     check_shape(path, location, n_cells, n_genes)
 
-    with warnings.catch_warnings():
-        # files from anndata < 0.8 lack encoding metadata; anndata reads them fine
-        warnings.simplefilter("ignore", anndata.OldFormatWarning)
-        obs = anndata.io.read_elem(root["obs"])
-        var = anndata.io.read_elem(root["raw/var" if location == "raw/X" else "var"])
+    obs = _read_table(path, root, "obs")
+    var = _read_table(path, root, "raw/var" if location == "raw/X" else "var")
     if len(obs) != n_cells:
         raise DatasetError(path, f"obs has {len(obs)} rows but {location} has {n_cells}")
     if len(var) != n_genes:
@@ -148,11 +147,53 @@ def _build_count_matrix(path, root, counts, kind, h5_file):
     )
 
 
+def _element(root, location):
+    """The element at ``location``, or None; ``raw/X`` and ``raw/var`` are ``raw.X`` and ``raw.var`` in old files."""
+    for key in (location, location.replace("raw/", "raw.", 1)):
+        if key in root:
+            return root[key]
+    return None
+
+
+def _read_table(path, root, location):
+    """obs or var as a DataFrame indexed by names, from the AnnData layout or that of anndata < 0.7.
+
+    anndata < 0.7 stored a table as one record array whose first field is the
+    index, with the categories of a categorical column ``c`` in
+    ``uns/c_categories`` and its integer codes in the field (anndata still
+    reads these files; its ``read_elem`` on the table gives the bare array).
+    """
+    element = _element(root, location)
+    if element is None:
+        raise DatasetError(path, f"has no {location} table")
+    if not is_array(element):
+        with warnings.catch_warnings():
+            # files from anndata < 0.8 lack encoding metadata; anndata reads them fine
+            warnings.simplefilter("ignore", anndata.OldFormatWarning)
+            return anndata.io.read_elem(element)
+    records = element[()]
+    if records.dtype.names is None or element.ndim != 1:
+        raise DatasetError(path, f"{location} is a {records.dtype} array of shape {records.shape}, not a table "
+                           "(neither the AnnData layout nor the record array of anndata < 0.7)")  # fmt: skip
+    columns = {}
+    for name in records.dtype.names:
+        values = records[name]
+        columns[name] = as_text(values) if values.dtype.kind in "SOU" else values
+        categories = _element(root, f"uns/{name}_categories")
+        codes = columns[name]
+        if categories is not None and is_array(categories) and codes.dtype.kind in "iu":
+            labels = as_text(categories[()]).reshape(-1)
+            if codes.size == 0 or codes.max() < len(labels):  # names shared by obs and var kept one set (old bug)
+                columns[name] = pd.Categorical.from_codes(codes, labels)
+    table = pd.DataFrame(columns)
+    return table.set_index(records.dtype.names[0])
+
+
 def _choose_counts_location(path, root, counts):
     if counts != "auto":
         if not _is_matrix(root, counts):
             raise DatasetError(path, f"has no count matrix at {counts}")
-        problem = _counts_problem(root[counts])
+        problem = _counts_problem(_element(root, counts))
         if problem:
             raise DatasetError(path, f"{counts} holds {problem}; pass data.counts=... if raw counts are elsewhere")
         return counts
@@ -162,7 +203,7 @@ def _choose_counts_location(path, root, counts):
         if not _is_matrix(root, location):
             missing.append(_display_name(location))
             continue
-        problem = _counts_problem(root[location])
+        problem = _counts_problem(_element(root, location))
         if problem is None:
             return location
         findings.append(f"{_display_name(location)} holds {problem}")
@@ -182,9 +223,9 @@ def _display_name(location):
 
 
 def _is_matrix(root, location):
-    if location not in root:
+    element = _element(root, location)
+    if element is None:
         return False
-    element = root[location]
     return is_array(element) or _sparse_format(element) in ("csr", "csc")
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 
 from pipeline.io.formats import dataset_stat, open_counts
 from pipeline.io.matrix import CountMatrix, DatasetError
-from pipeline.plan.genes import organism_id, to_ensembl, vocabulary_columns
+from pipeline.plan.genes import CLEAR_MAJORITY, ORGANISMS, GeneIds, organism_id, to_ensembl, vocabulary_columns
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ METADATA_ID_COLUMNS = ("cell_id", "obs_name", "obs_names", "barcode", "barcodes"
 #: Symbols as gene names: fewer matching a human or mouse gene than this fraction is a protein panel, not RNA.
 MIN_GENE_SYMBOL_FRACTION = 0.5
 CELL_COLUMNS = ("dataset", "row", "obs_name", "organism", "n_counts", "n_genes")
+#: A file declares one organism when at least this share of its cells with an organism have it.
+DECLARED_SHARE = 0.9
 
 
 @dataclass
@@ -116,13 +118,9 @@ def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], sett
                        metadata=settings.get("metadata") or "", soma_filter=settings.get("soma_filter") or "")  # fmt: skip
     try:
         matrix = open_counts(path, counts=settings.get("counts", "auto"), obs_filter=plan.soma_filter or None)
-    except DatasetError as err:
-        plan.status, plan.error = "failed", str(err)
-        return plan
-    plan.matrix, plan.n_cells, plan.n_genes = matrix, matrix.n_cells, matrix.n_genes
-    plan.size, plan.mtime_ns, plan.fingerprint = input_identity(path, matrix, known)
-    plan.counts_location, plan.warnings = matrix.counts_location, list(matrix.warnings)
-    try:
+        plan.matrix, plan.n_cells, plan.n_genes = matrix, matrix.n_cells, matrix.n_genes
+        plan.size, plan.mtime_ns, plan.fingerprint = input_identity(path, matrix, known)
+        plan.counts_location, plan.warnings = matrix.counts_location, list(matrix.warnings)
         _map_genes(plan, matrix, vocabulary, settings)
         if plan.metadata:
             plan.cell_metadata = join_metadata(plan, matrix.obs_names)
@@ -131,7 +129,11 @@ def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], sett
     except DatasetError as err:
         plan.status, plan.error = "failed", str(err)
     except ValueError as err:  # e.g. an organism name we cannot read
-        plan.status, plan.error = "failed", str(DatasetError(path, str(err)))
+        plan.status, plan.error = "failed", str(DatasetError(path, " ".join(str(err).split())))
+    except Exception as err:  # noqa: BLE001 - anything else a reader raises fails this dataset, not the run
+        log.debug("%s: planning failed", path, exc_info=True)
+        message = " ".join(str(err).split())
+        plan.status, plan.error = "failed", str(DatasetError(path, f"{type(err).__name__}: {message}"))
     return plan
 
 
@@ -153,7 +155,20 @@ def _map_genes(plan: DatasetPlan, matrix: CountMatrix, vocabulary: dict[str, lis
     organisms = cell_organisms(matrix, default)
     known = [o for o in organisms if o]
     hint = organism_id(matrix.uns_organism) or default or (max(set(known), key=known.count) if known else None)
-    ids = to_ensembl(matrix.var, organism=hint)
+    declared = declared_organism(matrix)
+    genes = to_ensembl(matrix.var)  # what the genes alone say
+    disagreement = organism_disagreement(matrix, declared, genes)
+    if disagreement and not default:
+        raise DatasetError(plan.path, f"{disagreement}; correct the file's organism, or set "
+                           f"data.organism={ORGANISMS[genes.organism]} (a catalog's organism column for one dataset) "
+                           "to embed it as that organism")  # fmt: skip
+    if disagreement:
+        hint = default
+        organisms[organisms == declared] = default
+        plan.warnings.append(
+            f"{disagreement}; its cells are taken as {ORGANISMS.get(default, default)} (data.organism)"
+        )
+    ids = genes if hint is None else to_ensembl(matrix.var, organism=hint)
     known = ids.ids != ""
     if ids.source.startswith("symbols") and known.mean() < MIN_GENE_SYMBOL_FRACTION:
         examples = ", ".join(matrix.var.index[~known][:3])
@@ -188,6 +203,34 @@ def _map_genes(plan: DatasetPlan, matrix: CountMatrix, vocabulary: dict[str, lis
     plan.cell_organisms = organisms
     for warning in plan.warnings:
         log.warning("%s: %s", plan.path, warning)
+
+
+def declared_organism(matrix: CountMatrix) -> str | None:
+    """The organism a file gives its cells (obs, else uns), if at least ``DECLARED_SHARE`` of them share it."""
+    organisms = cell_organisms(matrix, None)
+    values, counts = np.unique(organisms[organisms != ""].astype(str), return_counts=True)
+    if not len(values) or counts.max() < DECLARED_SHARE * counts.sum():
+        return None
+    return str(values[counts.argmax()])
+
+
+def organism_disagreement(matrix: CountMatrix, declared: str | None, genes: GeneIds) -> str | None:
+    """Why the file's declared organism clearly disagrees with its genes, or None.
+
+    Clear means: the declared organism has a gene table, and most genes name
+    another organism, at least ``CLEAR_MAJORITY`` times as many as name the
+    declared one (a common curation error: mouse symbols labelled human).
+    """
+    if declared not in ORGANISMS or not genes.matches:
+        return None
+    other = max(genes.matches, key=genes.matches.get)
+    n_other, n_declared = genes.matches[other], genes.matches.get(declared, 0)
+    if other == declared or n_other < 0.5 * matrix.n_genes or n_other < CLEAR_MAJORITY * n_declared:
+        return None
+    where = "obs organism_ontology_term_id" if "organism_ontology_term_id" in matrix.obs else "uns organism"
+    what = "gene symbols match" if genes.source.startswith("symbols") else "Ensembl ids are"
+    return (f"{where} says {ORGANISMS[declared]} ({declared}) but its genes are {ORGANISMS[other]}: {n_other} of "
+            f"{matrix.n_genes} {what} {ORGANISMS[other]}, {n_declared} {ORGANISMS[declared]}")  # fmt: skip
 
 
 def join_metadata(plan: DatasetPlan, obs_names: np.ndarray) -> dict[str, np.ndarray]:

@@ -5,7 +5,7 @@ package, MIT) map Ensembl gene IDs to symbols for human and mouse.
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import numpy as np
@@ -63,12 +63,16 @@ class GeneIds:
         ``"symbols in var_names via the human GENCODE table"``.
     n_unknown : int
         Number of genes without an ID.
+    matches : dict
+        NCBITaxon id -> how many genes name that organism: Ensembl IDs with its
+        prefix, or symbols matching its table exactly (only the tables tried).
     """
 
     ids: np.ndarray
     organism: str | None
     source: str
     n_unknown: int
+    matches: dict[str, int] = field(default_factory=dict)
 
 
 def organism_id(value):
@@ -180,12 +184,10 @@ def _ensembl_ids(values):
     return extracted.fillna("").to_numpy(dtype=object)
 
 
-def _organism_of_ensembl(ids):
+def _ensembl_matches(ids):
+    """NCBITaxon id -> how many of the Ensembl IDs have its prefix, most first."""
     prefixes = pd.Series(ids[ids != ""]).str.extract(r"^(ENS[A-Z]*G)\d", expand=False)
-    organisms = prefixes.map(ENSEMBL_PREFIX_ORGANISMS).dropna()
-    if organisms.empty:
-        return None
-    return organisms.value_counts().index[0]
+    return {str(taxon): int(n) for taxon, n in prefixes.map(ENSEMBL_PREFIX_ORGANISMS).value_counts().items()}
 
 
 def to_ensembl(var, organism=None):
@@ -237,7 +239,9 @@ def to_ensembl(var, organism=None):
     for source, values in candidates:
         ids = _ensembl_ids(values)
         if np.mean(ids != "") >= 0.5:
-            return GeneIds(ids=ids, organism=_organism_of_ensembl(ids), source=source, n_unknown=int(np.sum(ids == "")))
+            matches = _ensembl_matches(ids)
+            return GeneIds(ids=ids, organism=next(iter(matches), None), source=source,
+                           n_unknown=int(np.sum(ids == "")), matches=matches)  # fmt: skip
 
     symbol_sources = [("var_names", var_names)] + [
         (f"var[{column!r}]", var[column].to_numpy(dtype=str)) for column in SYMBOL_COLUMNS if column in var.columns
@@ -250,15 +254,17 @@ def to_ensembl(var, organism=None):
         for source, symbols in symbol_sources
         for table_taxon in ([taxon] if taxon else ORGANISMS)
     }
+    n_exact = {
+        table_taxon: max(n for (_, mapped_taxon), (_, n) in mapped.items() if mapped_taxon == table_taxon)
+        for table_taxon in ([taxon] if taxon else ORGANISMS)
+    }
     if taxon is None:
-        n_exact = {
-            table_taxon: max(n for (_, mapped_taxon), (_, n) in mapped.items() if mapped_taxon == table_taxon)
-            for table_taxon in ORGANISMS
-        }
         first, second = sorted(n_exact, key=n_exact.get, reverse=True)
         if n_exact[first] == 0 or n_exact[first] < CLEAR_MAJORITY * n_exact[second]:
             matches = ", ".join(f"{ORGANISMS[table_taxon]} {n}" for table_taxon, n in n_exact.items())
-            return _no_symbol_ids(len(var_names), f"symbols matching no gene table clearly (exact: {matches})")
+            unclear = _no_symbol_ids(len(var_names), f"symbols matching no gene table clearly (exact: {matches})")
+            unclear.matches = n_exact
+            return unclear
         taxon = first
     source, ids, n_known = max(
         (
@@ -273,6 +279,7 @@ def to_ensembl(var, organism=None):
         organism=taxon,
         source=f"symbols in {source} via the {ORGANISMS[taxon]} GENCODE table",
         n_unknown=len(ids) - n_known,
+        matches=n_exact,
     )
 
 

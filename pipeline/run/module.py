@@ -43,6 +43,31 @@ class AtlasPredictor(L.LightningModule):
         return host
 
 
+def forward_numerics(device: torch.device, precision: str) -> dict:
+    """What decides how exact a run's outputs are: the device, Lightning's precision and the fp32 matmul mode.
+
+    ``fp32_matmul`` is oneDNN's ``fp32_precision`` on a CPU (``bf16``: the bf16
+    units, kept only where measured as exact as fp32; ``ieee``: the fp32 units)
+    and torch's ``float32_matmul_precision`` on a GPU (``high``/``medium`` allow TF32).
+    """
+    if device.type == "cuda":
+        fp32_matmul = torch.get_float32_matmul_precision()
+    else:
+        fp32_matmul = {None: "ieee", "none": "ieee"}.get(
+            fp32_matmul_precision(), fp32_matmul_precision()
+        )  # torch's default
+    return {"device": str(device), "precision": str(precision), "fp32_matmul": fp32_matmul}
+
+
+def precision_warning(numerics: dict) -> str | None:
+    """Why a CPU run under 16-bit autocast is a poor choice, or None for any other run."""
+    if not numerics["device"].startswith("cpu") or not numerics["precision"].startswith(("bf16", "16")):
+        return None
+    return (f"trainer.precision={numerics['precision']} on a CPU: 16-bit autocast is usually slower there than fp32 "
+            "(which already uses the bf16 units where they are as exact) and its outputs are not fp32-exact; "
+            "pass trainer.precision=32-true")  # fmt: skip
+
+
 def host_outputs(prediction: dict) -> dict[str, np.ndarray]:
     """A predict step's outputs as numpy arrays, once their copy from the GPU (if any) is complete."""
     if "copied" in prediction:

@@ -55,7 +55,7 @@ from pipeline.plan.datasets import DatasetPlan, dataset_stat, finished_plan, pla
 from pipeline.plan.inputs import resolve_inputs
 from pipeline.plan.units import Unit, make_units
 from pipeline.run.datamodule import neighbor_files
-from pipeline.run.module import AtlasPredictor
+from pipeline.run.module import AtlasPredictor, forward_numerics, precision_warning
 from pipeline.run.progress import progress_callback
 from pipeline.run.signals import install_stop_handlers, stop_requested
 from pipeline.run.writer import PartWriter
@@ -215,9 +215,10 @@ def run_predict(cfg: DictConfig, extra_lines: Callable[[Path, int], list[str]] |
     install_stop_handlers()
     run = resolve_run(out_dir, cfg.run)
     writer = PartWriter(out_dir, run, earlier_world_size(out_dir, run))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, progress_callback()])
+    numerics = NumericsReport()
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, progress_callback(), numerics])
     with hold_lock(lock_path(out_dir), str(out_dir)) if trainer.global_rank == 0 else nullcontext():
-        return _embed(cfg, out_dir, run, trainer, extra_lines)
+        return _embed(cfg, out_dir, run, trainer, numerics, extra_lines)
 
 
 def earlier_world_size(out_dir: Path, run: int) -> int:
@@ -228,7 +229,7 @@ def earlier_world_size(out_dir: Path, run: int) -> int:
     return max((a["world_size"] for r in runs if r["run"] == run for a in r["attempts"]), default=0)
 
 
-def _embed(cfg: DictConfig, out_dir: Path, run: int, trainer: L.Trainer, extra_lines) -> int:
+def _embed(cfg: DictConfig, out_dir: Path, run: int, trainer: L.Trainer, numerics: NumericsReport, extra_lines) -> int:
     """Plan, record the attempt, predict and report: :func:`run_predict` once it holds ``out_dir``."""
     predictor = AtlasPredictor(name=cfg.model.name, checkpoint=cfg.model.checkpoint,
                                max_len=int(cfg.model.max_len), seed=int(cfg.seed))  # fmt: skip
@@ -263,6 +264,12 @@ def _embed(cfg: DictConfig, out_dir: Path, run: int, trainer: L.Trainer, extra_l
         vocabulary_offsets=model.config.organism_offsets,
         uses_neighbors=model.config.expr_emb_style == "metacell",
     )  # fmt: skip
+
+    def record_numerics(found: dict) -> None:  # the attempt in atlas.json gets the forward's device and precision
+        entry["attempts"][-1].update(found)
+        write_json(description_file, atlas_description(cfg, model, run, runs))
+
+    numerics.record = record_numerics
     if trainer.global_rank == 0:  # the other ranks read the plan and markers after Lightning's barrier before setup
         remove_temporaries(out_dir)
         for part, problem in damaged_parts(out_dir, done_parts(out_dir, run)).items():
@@ -300,6 +307,26 @@ def _embed(cfg: DictConfig, out_dir: Path, run: int, trainer: L.Trainer, extra_l
     write_json(description_file, atlas_description(cfg, model, run, runs, with_names=True))
     print_summary(out_dir, table, units, run, done, extra_lines)
     return EXIT_DATASETS_FAILED if (table.status == "failed").any() else EXIT_OK
+
+
+class NumericsReport(L.Callback):
+    """On rank 0, once the forward's settings are chosen: one log line with the device, precision and fp32
+    matmul mode, a warning for 16-bit autocast on a CPU, and ``record(numerics)`` (the attempt in ``atlas.json``)."""
+
+    def __init__(self, record: Callable[[dict], None] | None = None):
+        self.record = record  # set by run_predict once the run's attempt is in atlas.json
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        numerics = forward_numerics(pl_module.device, trainer.precision)
+        log.info("forward on %s, precision %s, fp32 matmul mode %s", *numerics.values())
+        warning = precision_warning(numerics)
+        if warning:
+            log.warning("%s", warning)
+            numerics["warning"] = warning
+        if self.record is not None:
+            self.record(numerics)
 
 
 def run_neighbors(cfg: DictConfig, task: int = 0, n_tasks: int = 1) -> int:

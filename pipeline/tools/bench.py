@@ -289,7 +289,8 @@ def end_to_end(path: Path, model_name: str, checkpoint: str | None, max_len: int
             "workers": resolve_num_workers(workers, device.type),
             "predict_loop_cells_per_s": round(embedded / loop, 1), "overall_cells_per_s": round(embedded / total, 1),
             "forward_same_batches_cells_per_s": round(2 * n_forward / (before + after), 1),
-            "forward_before_after_cells_per_s": [round(n_forward / before, 1), round(n_forward / after, 1)]}  # fmt: skip
+            "forward_before_after_cells_per_s": [round(n_forward / before, 1), round(n_forward / after, 1)],
+            "forward_cells": n_forward, "forward_before_after_s": [before, after]}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- command
