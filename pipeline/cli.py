@@ -2,7 +2,7 @@
 
 scatlas predict [key=value ...]   embed datasets (a Hydra app: configs/predict.yaml; --help lists the groups)
 scatlas status ATLAS_DIR          units and cells done, failures, per-rank throughput, ETA
-scatlas validate ATLAS_DIR        exit 0 only if the atlas is complete and consistent
+scatlas validate ATLAS_DIR        exit 0 only if the atlas is complete and consistent (1 invalid, 3 incomplete)
 scatlas bench [--help]            data path, memory, forward and end-to-end throughput figures
 scatlas summarize ATLAS_DIR       tables of predicted labels per dataset, cell type x tissue/..., scores
 scatlas plot ATLAS_DIR            PNGs: PCA/UMAP of a cell sample, score histograms, cell type x tissue
@@ -57,33 +57,46 @@ def status(argv: list[str]) -> int:
     return 0
 
 
+#: Exit codes of ``scatlas validate`` (README, "Exit codes of validate").
+VALID, INVALID, INCOMPLETE = 0, 1, 3
+
+
 def validate(argv: list[str]) -> int:
-    from pipeline.atlas.state import load_state
+    from pipeline.atlas.state import incomplete_datasets, load_state
     from pipeline.atlas.state import validate as check
 
     args = _atlas_args("validate", argv)
-    n_invalid = 0
+    codes = []
     for atlas_dir in args.atlas_dirs:
         problems = check(atlas_dir, args.run)
         state = load_state(atlas_dir, args.run)
-        for row in state.datasets[state.datasets.status == "failed"].itertuples():
-            print(f"note: dataset {row.dataset} failed and is not in the atlas: {row.error}")
+        missing = incomplete_datasets(state)
+        for line in missing:
+            print(f"incomplete: {line}")
         for problem in problems:
             print(f"invalid: {problem}")
-        if problems:
-            print(f"{atlas_dir}: INVALID ({len(problems)} problems)")
-            n_invalid += 1
-            continue
         n_cells = sum(r["n_cells"] for r in state.done.values())
         n_dropped = sum(r["n_dropped"] for r in state.done.values())
-        print(f"{atlas_dir}: valid: {len(state.done)} parts, {n_cells:,} cells embedded, {n_dropped:,} dropped")
-    return 1 if n_invalid else 0
+        done = f"{len(state.done)} parts, {n_cells:,} cells embedded, {n_dropped:,} dropped"
+        if problems:
+            print(f"{atlas_dir}: INVALID ({len(problems)} problems)")
+            codes.append(INVALID)
+        elif missing:
+            print(f"{atlas_dir}: consistent but INCOMPLETE: {len(missing)} of {len(state.datasets)} datasets not "
+                  f"(all) in it; {done}")  # fmt: skip
+            codes.append(INCOMPLETE)
+        else:
+            print(f"{atlas_dir}: valid: {done}")
+            codes.append(VALID)
+    return INVALID if INVALID in codes else max(codes)
 
 
 def _atlas_args(command: str, argv: list[str]) -> argparse.Namespace:
     descriptions = {
         "status": "Units and cells done, failures, per-rank throughput and ETA of atlas directories.",
-        "validate": "Check atlas directories are complete and consistent; exit 0 only if all are.",
+        "validate": "Check atlas directories are complete and consistent; exit 0 only if all are, 1 if one is "
+        "inconsistent (missing, changed or stray files, lost or repeated cells), else 3 if a dataset "
+        "failed or is not done yet (each named on an 'incomplete:' line).",
     }
     parser = argparse.ArgumentParser(prog=f"scatlas {command}", description=descriptions[command])
     parser.add_argument("atlas_dirs", nargs="+", metavar="ATLAS_DIR", help="out_dir of a scatlas predict run")

@@ -27,7 +27,7 @@ from pipeline.atlas.layout import description_path, sparse_copy_path
 from pipeline.atlas.manifest import atlas_description, done_parts, read_units, write_datasets_table, write_units
 from pipeline.io.files import read_json, remove_temporaries, write_json
 from pipeline.plan.datasets import DatasetPlan, plan_dataset
-from pipeline.plan.inputs import resolve_inputs
+from pipeline.plan.inputs import expand_genomes, resolve_inputs
 from pipeline.plan.units import Unit, make_units
 from pipeline.run.module import AtlasPredictor
 from pipeline.run.progress import CellsPerSecondBar
@@ -48,6 +48,7 @@ DEMO_DATASET = DATA_DIR / "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
 def plan_run(cfg: DictConfig, vocabulary: dict[str, list[str]]) -> tuple[list[DatasetPlan], list[Unit]]:
     """Plan every dataset and the units; reuse the stored unit plan of ``out_dir`` if there is one."""
     inputs = resolve_inputs(cfg.input if cfg.input else str(DEMO_DATASET))  # (path, a catalog row's settings)
+    inputs = expand_genomes(inputs, str(cfg.data.counts))  # a barnyard 10x h5: one dataset per genome
     paths = [os.path.abspath(path) for path, _ in inputs]  # datasets.parquet must not depend on the cwd
     stored_units, stored_paths = read_units(cfg.out_dir)
     for dataset, path in stored_paths.items():
@@ -91,6 +92,7 @@ def settings_fingerprint(cfg: DictConfig, model) -> dict:
         "n_neighbors": int(cfg.data.n_neighbors),
         "counts": str(cfg.data.counts),
         "organism": cfg.data.organism,
+        "gene_draw": "dataset identity",  # seeded by datasets.parquet's identity (before: the position in the inputs)
     }
 
 
