@@ -7,6 +7,7 @@ The 10x files are written from the real matrices of tests/data, as tests/test_fo
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from conftest import BMMC, PBMC, SPLEEN, cells_and_outputs, predict_args, run
@@ -14,9 +15,11 @@ from test_formats import tenx_features, write_10x_h5
 
 from pipeline.io.formats import open_counts
 from pipeline.io.matrix import DatasetError
-from pipeline.plan.datasets import dataset_identity
+from models import build_model
+from pipeline.plan.datasets import dataset_identity, plan_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+PLAN_SETTINGS = {"counts": "auto", "organism": None, "min_gene_coverage": 0.002}
 
 
 def predict(out, inputs, *extra):
@@ -128,3 +131,33 @@ def test_a_multi_genome_h5_is_read_as_one_dataset_per_genome(barnyard, tmp_path)
         open_counts(barnyard, counts="GRCh38")
     with pytest.raises(DatasetError, match="multi-genome 10x HDF5 file .genomes hg19, mm10.*data.counts=<genome>"):
         open_counts(barnyard)
+
+
+def test_a_probe_level_h5_is_read_per_gene_with_its_probes_summed(tmp_path):
+    """Visium / Flex raw_probe_bc_matrix.h5: features/id is ``ENSG...|SYMBOL|probe``, features/gene_id the gene."""
+    pbmc = ad.read_h5ad(PBMC)
+    features = tenx_features(pbmc).iloc[: pbmc.n_vars]
+    unique = ~features.id.duplicated(keep=False).to_numpy()  # a gene-level file names each gene once
+    features, counts = features[unique].reset_index(drop=True), sp.csc_matrix(pbmc.X)[:, unique].astype(np.int64)
+    write_10x_h5(tmp_path / "genes.h5", pbmc.obs_names, features, counts)
+    # every other gene has two probes, which share its counts
+    split = np.arange(len(features)) % 2 == 0
+    half = counts[:, split].multiply(0.5).floor()
+    probe_counts = sp.hstack([counts[:, ~split], half, counts[:, split] - half]).tocsr()
+    order = np.r_[np.flatnonzero(~split), np.flatnonzero(split), np.flatnonzero(split)]
+    probes = features.iloc[order].reset_index(drop=True)
+    probes["gene_id"] = probes.id
+    probes["id"] = [f"{gene}|{name}|{i:08x}" for i, (gene, name) in enumerate(zip(probes.gene_id, probes.name))]
+    path = tmp_path / "raw_probe_bc_matrix.h5"
+    write_10x_h5(path, pbmc.obs_names, probes, probe_counts)
+    with h5py.File(path, "a") as h5_file:
+        h5_file["matrix/features/gene_id"] = probes.gene_id.to_numpy(dtype="S")
+    with open_counts(path) as probe_level, open_counts(tmp_path / "genes.h5") as gene_level:
+        assert probe_level.n_genes == gene_level.n_genes == len(features) < len(probes)
+        assert sorted(probe_level.var.index) == sorted(gene_level.var.index)
+        position = pd.Index(probe_level.var.index).get_indexer(gene_level.var.index)
+        summed = probe_level.read_rows(0, probe_level.n_cells)[:, position]
+        assert (summed != gene_level.read_rows(0, gene_level.n_cells)).nnz == 0
+        assert any("probes summed into" in warning for warning in probe_level.warnings)
+    plan = plan_dataset(0, str(path), build_model("tiny").config.genes, PLAN_SETTINGS)
+    assert plan.status == "pending" and plan.gene_organism == "NCBITaxon:9606" and plan.n_vocab_genes > 10_000
