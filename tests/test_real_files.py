@@ -13,9 +13,9 @@ import scipy.sparse as sp
 from conftest import BMMC, PBMC, SPLEEN, cells_and_outputs, predict_args, run
 from test_formats import tenx_features, write_10x_h5
 
+from models import build_model
 from pipeline.io.formats import open_counts
 from pipeline.io.matrix import DatasetError
-from models import build_model
 from pipeline.plan.datasets import dataset_identity, plan_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
