@@ -4,6 +4,9 @@ and probe-level 10x h5, an atlas whose datasets failed, and the messages of file
 The 10x files are written from the real matrices of tests/data, as tests/test_formats.py does.
 """
 
+import json
+import sys
+
 import anndata as ad
 import h5py
 import numpy as np
@@ -161,3 +164,69 @@ def test_a_probe_level_h5_is_read_per_gene_with_its_probes_summed(tmp_path):
         assert any("probes summed into" in warning for warning in probe_level.warnings)
     plan = plan_dataset(0, str(path), build_model("tiny").config.genes, PLAN_SETTINGS)
     assert plan.status == "pending" and plan.gene_organism == "NCBITaxon:9606" and plan.n_vocab_genes > 10_000
+
+
+def lognormalised_with_old_raw(path):
+    """A processed file as anndata < 0.7 wrote them (scanpy's tutorials): X and a top-level raw.X, both log1p."""
+    spleen = ad.read_h5ad(SPLEEN)
+    spleen.X = sp.csr_matrix(np.log1p(spleen.X.toarray()))
+    spleen.raw = spleen
+    spleen.write_h5ad(path)
+    with h5py.File(path, "a") as h5_file:
+        h5_file.move("raw/X", "raw.X")
+        h5_file.move("raw/var", "raw.var")
+        del h5_file["raw"]
+    return path
+
+
+def test_validate_exits_3_naming_datasets_that_failed_and_1_only_when_inconsistent(tmp_path):
+    bad = lognormalised_with_old_raw(tmp_path / "processed.h5ad")
+    out = tmp_path / "atlas"
+    proc = run(predict_args(out, [bad]))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    check = run([sys.executable, "-m", "pipeline", "validate", str(out)])
+    assert check.returncode == 3, check.stdout
+    assert (
+        f"incomplete: dataset 0 failed and is not in the atlas: {bad}: raw.X holds non-integer values" in check.stdout
+    )
+    assert "consistent but INCOMPLETE: 1 of 1 datasets" in check.stdout and "valid:" not in check.stdout
+    (out / "datasets.parquet").unlink()  # an atlas that cannot be read at all is still reported, not "valid"
+    assert run([sys.executable, "-m", "pipeline", "validate", str(out)]).returncode not in (0, 3)
+
+
+def test_messages_say_what_the_file_covers_and_what_it_would_need(tmp_path):
+    few_genes = tmp_path / "panel.h5ad"
+    ad.read_h5ad(BMMC)[:, :14].copy().write_h5ad(few_genes)
+    config = build_model("tiny").config
+    plan = plan_dataset(0, str(few_genes), config.genes, PLAN_SETTINGS)
+    n_human = len(config.genes["NCBITaxon:9606"])
+    assert plan.status == "failed"
+    n = plan.n_vocab_genes
+    assert 0 < n <= 14
+    assert f"{n} of its 14 genes are in the model vocabulary: they cover {n / n_human:.2%} of the model's {n_human} " \
+        f"NCBITaxon:9606 genes, and at least {int(np.ceil(0.002 * n_human))} (0.20%, data.min_gene_coverage) are " \
+        "needed" in plan.error  # fmt: skip
+
+
+def test_a_zarr_v3_store_the_installed_anndata_cannot_read_is_refused_in_one_short_line(tmp_path):
+    store = tmp_path / "spleen.zarr"
+    with ad.settings.override(zarr_write_format=3):
+        ad.read_h5ad(SPLEEN).write_zarr(store)
+    root = json.loads((store / "zarr.json").read_text())  # a data type of a newer zarr, in the consolidated metadata
+    root["consolidated_metadata"]["metadata"]["obs/_index"]["data_type"] = {
+        "name": "fixed_length_utf32_v9", "configuration": {"length_bytes": 64, "endianness": "little"}}  # fmt: skip
+    (store / "zarr.json").write_text(json.dumps(root))
+    with pytest.raises(DatasetError) as refusal:
+        open_counts(store)
+    message = str(refusal.value)
+    assert message.startswith(f"{store}: is a zarr format 3 store that the installed anndata ")
+    assert "pip install -U anndata zarr, or write it as h5ad" in message and "\n" not in message
+    assert len(message) < 300 + len(str(store))
+
+
+def test_raw_x_that_is_log_data_too_is_named_as_not_counts(tmp_path):
+    with pytest.raises(
+        DatasetError, match=r"raw.X holds non-integer values .*looks log-normalised; X holds"
+    ) as refusal:
+        open_counts(lognormalised_with_old_raw(tmp_path / "processed.h5ad"))
+    assert "no layers['counts'];" in str(refusal.value) and "raw.X;" not in str(refusal.value)
