@@ -105,7 +105,9 @@ def _open_zarr(path):
     try:
         return zarr.open_group(path, mode="r")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise _zarr_refusal(path, err) or DatasetError(path, f"is not a readable zarr store ({short_reason(err)})") from err
+        raise _zarr_refusal(path, err) or DatasetError(
+            path, f"is not a readable zarr store ({short_reason(err)})"
+        ) from err
 
 
 def _zarr_refusal(path, err):
