@@ -13,8 +13,12 @@ scatlas train-demo [--out-dir DIR]      re-train the shipped tiny demo checkpoin
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
 import sys
+import threading
+import traceback
 import warnings
 from pathlib import Path
 
@@ -202,5 +206,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The ``scatlas`` command: :func:`main`, then :func:`exit_process` with its code, whatever happens."""
+    try:
+        code = main()
+    except SystemExit as stop:  # sys.exit inside a command (the Hydra app does it for its launchers)
+        code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001 - a crash still ends the process the same way
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
+def exit_process(code: int) -> None:
+    """End the process with ``code`` once every thread it started is joined and Python's exit handlers have run.
+
+    Then ``os._exit``: the C++ destructors that run at a normal interpreter exit
+    would tear down native thread pools (Arrow's parquet threads, OpenMP) while
+    a worker may still be alive, and ``std::terminate`` turns the run's exit code
+    into 134 after its work is done.
+    """
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # logging's flush, multiprocessing's worker clean-up, Hydra's
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said there
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
