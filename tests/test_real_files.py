@@ -230,3 +230,22 @@ def test_raw_x_that_is_log_data_too_is_named_as_not_counts(tmp_path):
     ) as refusal:
         open_counts(lognormalised_with_old_raw(tmp_path / "processed.h5ad"))
     assert "no layers['counts'];" in str(refusal.value) and "raw.X;" not in str(refusal.value)
+
+
+def test_the_command_ends_with_its_exit_code_after_joining_threads_and_running_exit_handlers(tmp_path):
+    """What `scatlas` does after a command: join the threads it started, run Python's exit handlers, os._exit(code)
+    (tests/stress_predict.py runs whole predicts many times, in a row and two at once, to check the codes)."""
+    script = (
+        "import atexit, sys, threading, time\n"
+        "from pipeline import cli\n"
+        "atexit.register(lambda: print('exit handlers ran', flush=True))\n"
+        "worker = threading.Thread(target=lambda: (time.sleep(0.5), print('thread joined', flush=True)))\n"
+        "worker.start()\n"
+        f"sys.argv = ['scatlas', 'validate', {str(tmp_path)!r}]\n"
+        "cli.run()\n"
+        "print('never here')\n"
+    )
+    proc = run([sys.executable, "-c", script])
+    assert proc.returncode == 2, proc.stderr  # not an atlas directory: the one-line error of a bad argument
+    assert "is not an atlas directory" in proc.stderr
+    assert proc.stdout.splitlines() == ["thread joined", "exit handlers ran"]
