@@ -29,6 +29,7 @@ def start(out_dir: Path, extra: list[str]) -> subprocess.Popen:
 def check(name: str, proc: subprocess.Popen, codes: collections.Counter, bad: list[str]) -> None:
     _, stderr = proc.communicate(timeout=600)
     codes[proc.returncode] += 1
+    print(f"{name}: exit {proc.returncode}", flush=True)
     if proc.returncode != EXPECTED:
         bad.append(f"{name}: exit {proc.returncode}\n{stderr[-1500:]}")
 
