@@ -70,10 +70,10 @@ def test_predict_with_the_demo_model_gets_held_out_cells_right(tmp_path):
     decoders = {c: {int(k): v for k, v in description["labels"][c].items()} for c in top}
     measured = accuracy(test, top, decoders)
     expected = METRICS["held_out"]["all"]
-    # the shipped figures were measured on the training run's gene draws, seeded by file position; predict now seeds
-    # them by the dataset identity: other genes per cell move top-3 by 5 of these 189 cells (0.735 -> 0.762)
+    # measured on the training run's gene draws (seeded by file position); predict's draws (seeded by the dataset
+    # identity) give 0.508 / 0.730 / 1.0
     for key in ("cell_type_top1", "cell_type_top3", "organism_top1"):
-        assert measured[key] == pytest.approx(expected[key], abs=0.04), key
+        assert measured[key] == pytest.approx(expected[key], abs=0.02), key
     assert measured["cell_type_top3"] >= MIN_TOP3 > 2 * measured["cell_type_top3_chance"]
     assert measured["cell_type_top1"] >= MIN_TOP1 > 3 * measured["cell_type_top1_chance"]
     assert measured["organism_top1"] == 1.0

@@ -121,18 +121,24 @@ def dataset_identity(matrix: CountMatrix, dataset_id: str = "") -> str:
     name genes differently). So a cell's outputs do not depend on where its
     dataset sits in the inputs, the same counts in any format or copy give the
     same outputs, and a fingerprint costs about 100 rows' read, whatever the
-    file's size. It seeds draws; it is not a checksum of the whole file.
+    file's size. It seeds draws; it is not a checksum of the whole file. A
+    sampled row that cannot be read is hashed as its error: that fails only
+    its unit, when the unit is read.
     """
     if dataset_id:
         return f"dataset_id:{dataset_id}"
     n = matrix.n_cells
-    rows = np.unique(np.r_[np.arange(min(n, IDENTITY_ROWS)), np.linspace(0, n - 1, IDENTITY_ROWS).astype(np.int64),
-                           np.arange(max(0, n - IDENTITY_ROWS), n)])  # fmt: skip
-    block = matrix.read_rows_at(rows)
-    block.sort_indices()
     digest = hashlib.sha256(f"{matrix.n_cells}x{matrix.n_genes}".encode())
-    for array, dtype in ((block.indptr, np.int64), (block.indices, np.int64), (block.data, np.float32)):
-        digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+    head, tail = np.arange(min(n, IDENTITY_ROWS)), np.arange(max(0, n - IDENTITY_ROWS), n)
+    for rows in (head, np.linspace(0, n - 1, IDENTITY_ROWS).astype(np.int64), tail):
+        try:
+            block = matrix.read_rows_at(np.unique(rows))
+        except DatasetError as err:  # a bad value or chunk fails its unit when read, not the whole dataset here
+            digest.update(err.problem.encode())
+            continue
+        block.sort_indices()
+        for array, dtype in ((block.indptr, np.int64), (block.indices, np.int64), (block.data, np.float32)):
+            digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
     return f"counts:{digest.hexdigest()[:32]}"
 
 
