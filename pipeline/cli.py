@@ -3,7 +3,7 @@
 scatlas predict [key=value ...]   embed datasets (a Hydra app: configs/predict.yaml; --help lists the groups)
 scatlas neighbors [key=value ...] kNN graphs of predict's datasets on CPUs, before the GPU job (SLURM arrays)
 scatlas status ATLAS_DIR          units and cells done, failures, per-rank throughput, ETA
-scatlas validate ATLAS_DIR        exit 0 only if the atlas is complete and consistent
+scatlas validate ATLAS_DIR        exit 0 only if the atlas is complete and consistent (1 invalid, 3 incomplete)
 scatlas bench [--help]            data path, memory, forward and end-to-end throughput figures
 scatlas bench --search ATLAS_DIR  index build speed, memory per cell, search speed and recall per index type
 scatlas summarize ATLAS_DIR       tables of predicted labels per dataset, cell type x tissue/..., scores
@@ -20,11 +20,14 @@ scatlas train-demo [--out-dir DIR]      re-train the shipped tiny demo checkpoin
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import logging
 import os
 import re
 import sys
+import threading
+import traceback
 import warnings
 from pathlib import Path
 
@@ -307,19 +310,24 @@ def status(argv: list[str]) -> int:
     return 0
 
 
+#: Exit codes of ``scatlas validate`` (README, "Exit codes of validate").
+VALID, INVALID, INCOMPLETE = 0, 1, 3
+
+
 def validate(argv: list[str]) -> int:
     from pipeline.atlas.layout import lock_path
     from pipeline.atlas.manifest import forget_part
-    from pipeline.atlas.state import check_atlas, load_state
+    from pipeline.atlas.state import check_atlas, incomplete_datasets, load_state
     from pipeline.io.files import LockHeld, hold_lock
 
     args = _atlas_args("validate", argv)
-    n_invalid = 0
+    codes = []
     for atlas_dir in args.atlas_dirs:
         problems, damaged = check_atlas(atlas_dir, args.run, quick=args.quick)
         state = load_state(atlas_dir, args.run)
-        for row in state.datasets[state.datasets.status == "failed"].itertuples():
-            print(f"note: dataset {row.dataset} failed and is not in the atlas: {row.error}")
+        missing = incomplete_datasets(state)
+        for line in missing:
+            print(f"incomplete: {line}")
         for problem in problems:
             print(f"invalid: {problem}")
         command = _predict_command(state)
@@ -335,14 +343,20 @@ def validate(argv: list[str]) -> int:
                   f"them: {command}")  # fmt: skip
         elif damaged:
             print(f"repair: scatlas validate {atlas_dir} --repair && {command}")
-        if problems:
-            print(f"{atlas_dir}: INVALID ({len(problems)} problems)")
-            n_invalid += 1
-            continue
         n_cells = sum(r["n_cells"] for r in state.done.values())
         n_dropped = sum(r["n_dropped"] for r in state.done.values())
-        print(f"{atlas_dir}: valid: {len(state.done)} parts, {n_cells:,} cells embedded, {n_dropped:,} dropped")
-    return 1 if n_invalid else 0
+        done = f"{len(state.done)} parts, {n_cells:,} cells embedded, {n_dropped:,} dropped"
+        if problems:
+            print(f"{atlas_dir}: INVALID ({len(problems)} problems)")
+            codes.append(INVALID)
+        elif missing:
+            print(f"{atlas_dir}: consistent but INCOMPLETE: {len(missing)} of {len(state.datasets)} datasets not "
+                  f"(all) in it; {done}")  # fmt: skip
+            codes.append(INCOMPLETE)
+        else:
+            print(f"{atlas_dir}: valid: {done}")
+            codes.append(VALID)
+    return INVALID if INVALID in codes else max(codes)
 
 
 def _predict_command(state) -> str:
@@ -355,7 +369,9 @@ def _predict_command(state) -> str:
 def _atlas_args(command: str, argv: list[str]) -> argparse.Namespace:
     descriptions = {
         "status": "Units and cells done, failures, per-rank throughput and ETA of atlas directories.",
-        "validate": "Check atlas directories are complete and consistent; exit 0 only if all are.",
+        "validate": "Check atlas directories are complete and consistent; exit 0 only if all are, 1 if one is "
+        "inconsistent (missing, changed or stray files, lost or repeated cells), else 3 if a dataset "
+        "failed or is not done yet (each named on an 'incomplete:' line).",
     }
     parser = argparse.ArgumentParser(prog=f"scatlas {command}", description=descriptions[command])
     parser.add_argument("atlas_dirs", nargs="+", metavar="ATLAS_DIR", help="out_dir of a scatlas predict run")
@@ -588,5 +604,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The ``scatlas`` command: :func:`main`, then :func:`exit_process` with its code, whatever happens."""
+    try:
+        code = main()
+    except SystemExit as stop:  # sys.exit inside a command (the Hydra app does it for its launchers)
+        code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001 - a crash still ends the process the same way
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
+def exit_process(code: int) -> None:
+    """End the process with ``code`` once every thread it started is joined and Python's exit handlers have run.
+
+    Then ``os._exit``: the C++ destructors that run at a normal interpreter exit
+    would tear down native thread pools (Arrow's parquet threads, OpenMP) while
+    a worker may still be alive, and ``std::terminate`` turns the run's exit code
+    into 134 after its work is done.
+    """
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # logging's flush, multiprocessing's worker clean-up, Hydra's
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said there
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -52,7 +52,7 @@ def test_cell_type_table_names_real_cell_ontology_terms():
 
 def test_predict_with_the_demo_model_gets_held_out_cells_right(tmp_path):
     out = tmp_path / "atlas"
-    inputs = [DATA / path.name for path in TRAINING_FILES]  # dataset ids 0, 1 as in training
+    inputs = [DATA / path.name for path in TRAINING_FILES]  # the two training files
     proc = run([sys.executable, "-m", "pipeline", "predict", f"input=[{','.join(map(str, inputs))}]",
                 f"out_dir={out}", "data.num_workers=0"])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -70,6 +70,8 @@ def test_predict_with_the_demo_model_gets_held_out_cells_right(tmp_path):
     decoders = {c: {int(k): v for k, v in description["labels"][c].items()} for c in top}
     measured = accuracy(test, top, decoders)
     expected = METRICS["held_out"]["all"]
+    # measured on the training run's gene draws (seeded by file position); predict's draws (seeded by the dataset
+    # identity) give 0.508 / 0.730 / 1.0
     for key in ("cell_type_top1", "cell_type_top3", "organism_top1"):
         assert measured[key] == pytest.approx(expected[key], abs=0.02), key
     assert measured["cell_type_top3"] >= MIN_TOP3 > 2 * measured["cell_type_top3_chance"]

@@ -275,8 +275,8 @@ def test_metadata_join(files, tmp_path):
 
 
 # ----------------------------------------------------------------------------- end to end, as a user runs it
-# A cell's gene sampling is seeded by (seed, dataset id, row): the h5ad atlas holds the BMMC and PBMC
-# cells twice, at dataset ids 0-3, and each run below gives the same cells in other formats at the same ids.
+# A cell's gene sampling is seeded by (seed, dataset identity, row), and the identity of a dataset without a
+# catalog dataset_id is a fingerprint of its counts: the same cells in any format get the same genes.
 
 
 def predict(out, inputs, *extra):
@@ -332,16 +332,20 @@ def test_catalog_mixing_formats_in_one_run(files, tmp_path, h5ad_atlas):
     catalog.write_text(
         "path,organism,counts,metadata,dataset_id\n"
         "cite_table.h5,,train_cite_inputs,metadata.csv,cite_day2\n"
-        "filtered_feature_bc_matrix,human,,,pbmc_mtx\n"
-        "train_cite_inputs_values.sparse,,,,cite_sparse\n"
-        "filtered_feature_bc_matrix.h5,,matrix,,pbmc_h5\n"
+        "filtered_feature_bc_matrix,human,,,\n"
+        "train_cite_inputs_values.sparse,,,,\n"
+        "filtered_feature_bc_matrix.h5,,matrix,,\n"
         "train_multi_inputs.h5,,,,multiome_atac\n"
     )
     proc, atlas = predict(tmp_path / "atlas", [catalog])
     assert proc.returncode == 3, proc.stderr[-3000:]  # some datasets failed
-    assert_same_embeddings(atlas, h5ad_atlas)
+    assert_same_embeddings(atlas, h5ad_atlas, datasets=(1, 2, 3))  # the same counts: the same gene draws
     datasets = pd.read_parquet(tmp_path / "atlas" / "datasets.parquet")
-    assert datasets.dataset_id.tolist() == ["cite_day2", "pbmc_mtx", "cite_sparse", "pbmc_h5", "multiome_atac"]
+    assert datasets.dataset_id.tolist() == ["cite_day2", "", "", "", "multiome_atac"]
+    assert datasets.identity[0] == "dataset_id:cite_day2"  # a catalog's id seeds the draws: other genes than the h5ad's
+    assert (
+        atlas[4][(atlas[1].dataset == 0).to_numpy()] != h5ad_atlas[4][(h5ad_atlas[1].dataset == 0).to_numpy()]
+    ).any()
     assert datasets.status.tolist() == ["done", "done", "done", "done", "failed"]
     assert datasets.n_embedded.tolist() == [600, 200, 600, 200, 0]
     assert datasets.error[4] == (

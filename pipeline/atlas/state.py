@@ -97,19 +97,42 @@ def status_report(state: AtlasState) -> str:
     return "\n".join(lines)
 
 
+def incomplete_datasets(state: AtlasState) -> list[str]:
+    """One line per dataset that is not in the atlas whole: failed (with its error), or with parts not done yet.
+
+    An atlas can be consistent (:func:`validate` finds nothing) and still
+    incomplete; ``scatlas validate`` tells the two apart by its exit code.
+    """
+    pending: dict[int, list[Unit]] = {}
+    for unit in state.pending:
+        pending.setdefault(unit.dataset, []).append(unit)
+    units_of: dict[int, int] = {}
+    for unit in state.units:
+        units_of[unit.dataset] = units_of.get(unit.dataset, 0) + 1
+    lines = []
+    for row in state.datasets.itertuples():
+        if row.status == "failed":
+            lines.append(f"dataset {row.dataset} failed and is not in the atlas: {row.error}")
+        elif row.dataset in pending:
+            lines.append(f"dataset {row.dataset} ({row.path}): {len(pending[row.dataset])} of "
+                         f"{units_of[row.dataset]} parts not done yet; run the same predict command to finish it")  # fmt: skip
+    return lines
+
+
 def validate(out_dir: str | Path, run: int | None = None, quick: bool = False) -> list[str]:
-    """Check an atlas is complete and consistent; returns the problems found (empty = valid). See :func:`check_atlas`."""
+    """Check an atlas is consistent; returns the problems found (empty = consistent). See :func:`check_atlas`."""
     return check_atlas(out_dir, run, quick)[0]
 
 
 def check_atlas(out_dir: str | Path, run: int | None = None, quick: bool = False) -> tuple[list[str], list[int]]:
-    """The problems of an atlas (empty = valid), and the done parts among them whose files are damaged.
+    """The consistency problems of an atlas (empty = consistent), and the done parts among them whose files are damaged.
 
-    Checks: every planned unit is done (or its dataset failed); every part's five
-    files exist and match the sha256 in its marker; the rows of a part agree
-    across files and with ``atlas.json`` widths; every row of every unit is
-    present exactly once, embedded or dropped; no stray part files. A damaged
-    part (a file missing, changed or unreadable) is embedded again once
+    Checks: every part's five files exist and match the sha256 in its marker;
+    the rows of a part agree across files and with ``atlas.json`` widths; every
+    row of every done unit is present exactly once, embedded or dropped; no
+    stray part files. Datasets that failed or are not done yet are not
+    problems here: :func:`incomplete_datasets` names them. A damaged part (a
+    file missing, changed or unreadable) is embedded again once
     :func:`pipeline.atlas.manifest.forget_part` made it pending. ``quick``
     checks the plan, the markers and that the files exist, without reading them
     (no checksums, no rows): one listing of the directory.
@@ -120,9 +143,6 @@ def check_atlas(out_dir: str | Path, run: int | None = None, quick: bool = False
     stray_prefix = part_files_pattern(state.run).rstrip("*")
     problems, damaged = [], []
     width, n_top = state.description["embedding_width"], state.description["top_columns"]
-    for unit in state.pending:
-        why = state.failed.get(unit.part, {}).get("error", "not done")
-        problems.append(f"part {unit.part} (dataset {unit.dataset} rows {unit.start}-{unit.stop}): {why}")
     units_by_part = {u.part: u for u in state.units}
     expected_files = set()
     for part, record in sorted(state.done.items()):

@@ -19,7 +19,7 @@ from pipeline.io.h5ad import open_anndata
 from pipeline.io.matrix import DatasetError, check_readable, open_hdf5_file
 from pipeline.io.soma import is_soma_experiment, open_soma
 from pipeline.io.tables import open_pandas_table, open_sparse_pair, pandas_objects, sparse_pair_paths
-from pipeline.io.tenx import open_10x_h5, open_10x_mtx, v2_genome_group
+from pipeline.io.tenx import genome_groups, open_10x_h5, open_10x_mtx
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def detect_format(path):
             return "h5ad"
         if pandas_objects(h5_file):
             return "pandas_h5"
-        if v2_genome_group(h5_file) is not None:
+        if genome_groups(h5_file):
             return "10x_h5"
     raise DatasetError(path, "is HDF5 of no layout scatlas reads (no obs/var of h5ad, no matrix group of 10x, "
                        "no pandas table)")  # fmt: skip
@@ -89,6 +89,18 @@ def dataset_stat(path):
         files = [path]
     stats = [os.stat(f) for f in files if os.path.exists(f)]
     return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
+
+
+def genomes_of(path):
+    """The genomes of a multi-genome (barnyard) Cell Ranger 1/2 ``.h5``, each a dataset; ``[]`` for any other input."""
+    try:
+        if os.path.isdir(path) or not h5py.is_hdf5(path):
+            return []
+        with h5py.File(path, "r") as h5_file:
+            genomes = [] if "matrix" in h5_file else genome_groups(h5_file)
+    except (OSError, ValueError):  # missing or unreadable: open_counts names the problem
+        return []
+    return genomes if len(genomes) > 1 else []
 
 
 def directory_format(path):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
+from importlib.metadata import version
 
 import anndata
 import anndata.io
@@ -31,6 +33,14 @@ from pipeline.io.matrix import (
 )
 
 log = logging.getLogger(__name__)
+
+
+#: The first anndata and zarr-python releases that read zarr format 3 stores.
+ZARR3_READERS = {"anndata": (0, 11), "zarr": (3, 0)}
+
+
+#: zarr's reason is cut to this many characters: it can be a whole metadata structure.
+ZARR_REASON_CHARS = 60
 
 
 #: Where ``counts="auto"`` looks for raw counts, in order of preference.
@@ -89,7 +99,7 @@ def open_anndata(path, counts="auto"):
     except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:
         if h5_file is not None:
             h5_file.close()
-        raise DatasetError(path, f"cannot be read as {kind}: {short_reason(err)}") from err
+        raise _zarr_refusal(path, err) or DatasetError(path, f"cannot be read as {kind}: {short_reason(err)}") from err
 
 
 def _open_zarr(path):
@@ -97,7 +107,35 @@ def _open_zarr(path):
     try:
         return zarr.open_group(path, mode="r")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DatasetError(path, f"is not a readable zarr store ({short_reason(err)})") from err
+        raise _zarr_refusal(path, err) or DatasetError(
+            path, f"is not a readable zarr store ({short_reason(err)})"
+        ) from err
+
+
+def _zarr_refusal(path, err):
+    """The one-line refusal of a zarr format 3 store the installed anndata and zarr cannot read, else None.
+
+    zarr's own message can be a whole metadata structure; what the user needs
+    is the store's format and which anndata and zarr read it.
+    """
+    try:
+        with open(os.path.join(path, "zarr.json")) as fh:
+            zarr_format = json.load(fh).get("zarr_format")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if zarr_format != 3:
+        return None
+    installed = {name: version(name) for name in ZARR3_READERS}
+    too_old = [name for name, first in ZARR3_READERS.items()
+               if tuple(int(part) for part in installed[name].split(".")[:2] if part.isdigit()) < first]  # fmt: skip
+    needed = " with ".join(f"{name} >= {'.'.join(map(str, first))}" for name, first in ZARR3_READERS.items())
+    if not too_old:
+        needed = "a newer anndata and zarr, probably those that wrote it"
+    reason = short_reason(err)
+    reason = reason if len(reason) <= ZARR_REASON_CHARS else reason[: ZARR_REASON_CHARS - 3] + "..."
+    return DatasetError(path, f"is a zarr format 3 store that the installed anndata {installed['anndata']} with zarr "
+                        f"{installed['zarr']} cannot read ({reason}); it needs {needed}: pip install -U anndata zarr, "
+                        "or write it as h5ad")  # fmt: skip
 
 
 def _build_count_matrix(path, root, counts, kind, h5_file):
@@ -201,7 +239,11 @@ def _choose_counts_location(path, root, counts):
     findings, missing = [], []
     for location in AUTO_COUNT_LOCATIONS:
         if not _is_matrix(root, location):
-            missing.append(_display_name(location))
+            old_problem = _counts_problem(root["raw.X"]) if location == "raw/X" and _is_matrix(root, "raw.X") else None
+            if old_problem:  # anndata < 0.7 kept raw.X at the top level: say it is no counts either, not "no raw.X"
+                findings.append(f"raw.X holds {old_problem}")
+            else:
+                missing.append(_display_name(location))
             continue
         problem = _counts_problem(_element(root, location))
         if problem is None:

@@ -6,7 +6,9 @@ recorded as failed with a one-line error and the others go on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -32,6 +34,10 @@ CELL_COLUMNS = ("dataset", "row", "obs_name", "organism", "n_counts", "n_genes")
 DECLARED_SHARE = 0.9
 
 
+#: Rows of a count matrix that its fingerprint reads: this many at each end and this many spread between.
+IDENTITY_ROWS = 32
+
+
 @dataclass
 class DatasetPlan:
     """One input dataset: what we know about it and how its genes map to the model."""
@@ -39,6 +45,7 @@ class DatasetPlan:
     dataset: int
     path: str
     dataset_id: str = ""  # the catalog's dataset_id, if any
+    identity: str = ""  # what seeds its cells' gene draws (dataset_identity), never its position in the inputs
     metadata: str = ""  # the metadata table joined to the cells, if any
     soma_filter: str = ""  # the obs value filter a TileDB-SOMA experiment was read with, if any
     status: str = "pending"  # "pending" or "failed" at planning time
@@ -65,8 +72,8 @@ class DatasetPlan:
     def record(self) -> dict:
         """The row of ``datasets.parquet``."""
         return {
-            "dataset": self.dataset, "path": self.path, "dataset_id": self.dataset_id, "metadata": self.metadata,
-            "soma_filter": self.soma_filter,
+            "dataset": self.dataset, "path": self.path, "dataset_id": self.dataset_id, "identity": self.identity,
+            "metadata": self.metadata, "soma_filter": self.soma_filter,
             "n_cells": self.n_cells, "status": self.status,
             "error": self.error, "counts_location": self.counts_location, "organism": self.gene_organism,
             "gene_source": self.gene_source, "n_genes": self.n_genes, "n_vocab_genes": self.n_vocab_genes,
@@ -89,6 +96,7 @@ def finished_plan(record: dict, known: dict) -> DatasetPlan:
         gene_source=str(record.get("gene_source") or ""), n_genes=int(record.get("n_genes") or 0),
         n_vocab_genes=int(record.get("n_vocab_genes") or 0), vocab_coverage=float(record.get("vocab_coverage") or 0),
         warnings=warnings.split("; ") if warnings else [], soma_filter=str(record.get("soma_filter") or ""),
+        identity=str(record.get("identity") or ""),
         size=int(known["size"]), mtime_ns=int(known["mtime_ns"]), fingerprint=str(known["fingerprint"]),
     )  # fmt: skip
 
@@ -121,6 +129,7 @@ def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], sett
         plan.matrix, plan.n_cells, plan.n_genes = matrix, matrix.n_cells, matrix.n_genes
         plan.size, plan.mtime_ns, plan.fingerprint = input_identity(path, matrix, known)
         plan.counts_location, plan.warnings = matrix.counts_location, list(matrix.warnings)
+        plan.identity = dataset_identity(matrix, plan.dataset_id)
         _map_genes(plan, matrix, vocabulary, settings)
         if plan.metadata:
             plan.cell_metadata = join_metadata(plan, matrix.obs_names)
@@ -148,6 +157,36 @@ def input_identity(path: str, matrix: CountMatrix, known: dict | None) -> tuple[
     if known and known.get("fingerprint") is not None and (known["size"], known["mtime_ns"]) == (size, mtime_ns):
         return size, mtime_ns, known["fingerprint"]
     return size, mtime_ns, matrix.fingerprint()
+
+
+def dataset_identity(matrix: CountMatrix, dataset_id: str = "") -> str:
+    """What seeds the gene draws of a dataset's cells: ``dataset_id:<id>`` when a catalog names it, else a fingerprint.
+
+    The fingerprint, ``counts:<sha256>``, hashes the count matrix's shape and
+    the counts of :data:`IDENTITY_ROWS` rows at each end and as many spread
+    between, as read (names are left out: a 10x h5 and the h5ad made from it
+    name genes differently). So a cell's outputs do not depend on where its
+    dataset sits in the inputs, the same counts in any format or copy give the
+    same outputs, and a fingerprint costs about 100 rows' read, whatever the
+    file's size. It seeds draws; it is not a checksum of the whole file. A
+    sampled row that cannot be read is hashed as its error: that fails only
+    its unit, when the unit is read.
+    """
+    if dataset_id:
+        return f"dataset_id:{dataset_id}"
+    n = matrix.n_cells
+    digest = hashlib.sha256(f"{matrix.n_cells}x{matrix.n_genes}".encode())
+    head, tail = np.arange(min(n, IDENTITY_ROWS)), np.arange(max(0, n - IDENTITY_ROWS), n)
+    for rows in (head, np.linspace(0, n - 1, IDENTITY_ROWS).astype(np.int64), tail):
+        try:
+            block = matrix.read_rows_at(np.unique(rows))
+        except DatasetError as err:  # a bad value or chunk fails its unit when read, not the whole dataset here
+            digest.update(err.problem.encode())
+            continue
+        block.sort_indices()
+        for array, dtype in ((block.indptr, np.int64), (block.indices, np.int64), (block.data, np.float32)):
+            digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+    return f"counts:{digest.hexdigest()[:32]}"
 
 
 def _map_genes(plan: DatasetPlan, matrix: CountMatrix, vocabulary: dict[str, list[str]], settings: dict) -> None:
@@ -187,11 +226,14 @@ def _map_genes(plan: DatasetPlan, matrix: CountMatrix, vocabulary: dict[str, lis
     plan.n_vocab_genes = int(n_covered)
     plan.vocab_coverage = n_covered / len(vocabulary[gene_organism])
     if plan.vocab_coverage < settings["min_gene_coverage"]:
+        n_model = len(vocabulary[gene_organism])
+        n_needed = math.ceil(settings["min_gene_coverage"] * n_model)
         raise DatasetError(
             plan.path,
-            f"only {n_covered} of its {matrix.n_genes} genes are in the model vocabulary "
-            f"({plan.vocab_coverage:.2%} of {len(vocabulary[gene_organism])}; data.min_gene_coverage="
-            f"{settings['min_gene_coverage']}); check the gene ids ({ids.source})",
+            f"{n_covered} of its {matrix.n_genes} genes are in the model vocabulary: they cover "
+            f"{plan.vocab_coverage:.2%} of the model's {n_model} {gene_organism} genes, and at least {n_needed} "
+            f"({settings['min_gene_coverage']:.2%}, data.min_gene_coverage) are needed; check the gene ids "
+            f"({ids.source})",
         )
     if n_covered < settings["max_len"]:
         plan.warnings.append(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.io.formats import directory_format
+from pipeline.io.formats import directory_format, genomes_of
 from pipeline.io.tables import SPARSE_VALUES_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -107,3 +107,22 @@ def read_catalog(path: str) -> list[tuple[str, dict]]:
     if not inputs:
         raise ValueError(f"catalog {path} lists no dataset")
     return inputs
+
+
+def expand_genomes(inputs: list[tuple[str, dict]], counts: str = "auto") -> list[tuple[str, dict]]:
+    """Each multi-genome (barnyard) 10x ``.h5`` of ``inputs`` -> one dataset per genome, in the file's order.
+
+    A genome's dataset reads that genome's group (its ``counts`` setting) and
+    its catalog ``dataset_id``, if any, gets ``/<genome>`` appended. A file
+    whose ``counts`` (``data.counts`` or the catalog's) names one genome stays
+    one dataset.
+    """
+    expanded = []
+    for path, settings in inputs:
+        genomes = genomes_of(path) if settings.get("counts", counts) == "auto" else []
+        if not genomes:
+            expanded.append((path, settings))
+        for genome in genomes:
+            named = {"dataset_id": f"{settings['dataset_id']}/{genome}"} if settings.get("dataset_id") else {}
+            expanded.append((path, {**settings, "counts": genome, **named}))
+    return expanded

@@ -52,7 +52,7 @@ from pipeline.atlas.manifest import (
 from pipeline.io.files import hold_lock, read_json, remove_temporaries, write_json
 from pipeline.io.matrix import DatasetError
 from pipeline.plan.datasets import DatasetPlan, dataset_stat, finished_plan, plan_dataset
-from pipeline.plan.inputs import resolve_inputs
+from pipeline.plan.inputs import expand_genomes, resolve_inputs
 from pipeline.plan.units import Unit, make_units
 from pipeline.run.datamodule import neighbor_files
 from pipeline.run.module import AtlasPredictor, forward_numerics, precision_warning
@@ -87,6 +87,7 @@ def plan_run(
     part ids); without it a changed input is refused, before anything is embedded.
     """
     inputs = resolve_inputs(cfg.input if cfg.input else str(DEMO_DATASET))  # (path, a catalog row's settings)
+    inputs = expand_genomes(inputs, str(cfg.data.counts))  # a barnyard 10x h5: one dataset per genome
     paths = [os.path.abspath(path) for path, _ in inputs]  # datasets.parquet must not depend on the cwd
     stored_units, stored = read_units(cfg.out_dir)
     for dataset, known in stored.items():
@@ -199,6 +200,7 @@ def settings_fingerprint(cfg: DictConfig, model) -> dict:
         "organism": cfg.data.organism,
         # only when set, so atlases made before the setting existed resume
         **({"soma_filter": str(cfg.data.soma_filter)} if cfg.data.get("soma_filter") else {}),
+        "gene_draw": "dataset identity",  # seeded by datasets.parquet's identity (before: the position in the inputs)
     }
 
 

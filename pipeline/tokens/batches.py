@@ -28,7 +28,7 @@ from pipeline.plan.datasets import DatasetPlan
 from pipeline.plan.genes import to_vocabulary
 from pipeline.plan.units import Unit
 from pipeline.tokens.neighbors import load_neighbors, neighbor_chunks, save_neighbors
-from pipeline.tokens.select import cell_keys, lookup, qc_reasons, select_genes
+from pipeline.tokens.select import cell_keys, identity_key, lookup, qc_reasons, select_genes
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class UnitBatches(Dataset):
             out["genes"] = torch.zeros(0, length, dtype=torch.long)
             out["counts"] = torch.zeros(0, length)
             return out
-        keys = cell_keys(self.seed, dataset, cells["row"])
+        keys = cell_keys(self.seed, identity_key(ds.identity), cells["row"])  # not the list position
         if self.neighbor_files is None:
             genes = select_genes(vocab, keys, self.max_len)
         else:

@@ -8,15 +8,19 @@ neighbours express them (metacell models), then at random. So batches never
 hold padding. The token order does not matter to the network (no sequence
 position), so tokens are given in ascending vocabulary order.
 
-Randomness comes from a counter-based hash of (seed, dataset, row, gene or
-draw), not from a random generator's state: a cell gets the same genes whatever
-batch, unit, worker, rank or restart it is processed in.
+Randomness comes from a counter-based hash of (seed, dataset identity, row,
+gene or draw), not from a random generator's state: a cell gets the same genes
+whatever batch, unit, worker, rank or restart it is processed in, and wherever
+its dataset sits in the input list (the identity is the catalog's dataset_id or
+a fingerprint of the counts, :func:`pipeline.plan.datasets.dataset_identity`).
 
 Everything is vectorised over sparse entries: the work per cell is about
 ``nnz + max_len``, not the vocabulary size.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import scipy.sparse as sp
@@ -41,10 +45,15 @@ def _mix(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def cell_keys(seed: int, dataset: int, rows: np.ndarray) -> np.ndarray:
-    """One uint64 key per cell from (seed, dataset id, row in the source matrix)."""
+def identity_key(identity: str) -> int:
+    """A dataset identity (any string) as the 64-bit integer :func:`cell_keys` takes: the first 8 bytes of its sha256."""
+    return int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "little")
+
+
+def cell_keys(seed: int, dataset_key: int, rows: np.ndarray) -> np.ndarray:
+    """One uint64 key per cell from (seed, a 64-bit key of its dataset, row in the source matrix)."""
     base = _mix(np.array([seed], dtype=np.uint64))
-    base = _mix(base ^ np.uint64(dataset))
+    base = _mix(base ^ np.uint64(dataset_key))
     return _mix(base ^ np.asarray(rows, dtype=np.uint64))
 
 

@@ -15,9 +15,9 @@ Everything the model sees comes from the pipeline's own code, exactly as
 :mod:`pipeline.plan`, the neighbour graph of :mod:`pipeline.tokens.neighbors` and the
 tokens of :class:`pipeline.tokens.batches.UnitBatches`, with the settings of
 ``scatlas predict model=tiny`` (``max_len`` 256, 6 neighbours).
-The two files get dataset ids 0 (human) and 1 (mouse), as in
-``scatlas predict 'input=[<human>,<mouse>]'``, so held-out cells get the very
-tokens at evaluation that a predict run gives them (``seed=0``). Each training
+Gene draws are seeded by each file's identity (a fingerprint of its counts),
+as in any predict run, so held-out cells get the very tokens at evaluation that
+a predict run gives them (``seed=0``). Each training
 epoch draws other genes per cell (``seed = epoch + 1``).
 
 Training (deterministic: fixed seeds, fixed batch order, one CPU thread,
