@@ -22,9 +22,9 @@ from conftest import DATA, cells_and_outputs, predict_args, run
 
 from pipeline.atlas import validate
 from pipeline.io.formats import detect_format, open_counts
+from pipeline.io.genes import to_ensembl
 from pipeline.io.matrix import DatasetError
 from pipeline.plan.datasets import DatasetPlan, join_metadata
-from pipeline.plan.genes import to_ensembl
 from pipeline.plan.inputs import resolve_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # anndata's zarr v2 notice

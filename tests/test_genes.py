@@ -1,4 +1,4 @@
-"""pipeline.plan.genes on the shipped real datasets and the GENCODE tables."""
+"""pipeline.io.genes and pipeline.plan.vocabulary on the shipped real datasets and the GENCODE tables."""
 
 import numpy as np
 import pandas as pd
@@ -7,7 +7,8 @@ import scipy.sparse as sp
 from conftest import BMMC, BRAIN, CD4T, HEART, PBMC, SPLEEN
 
 from pipeline.io.formats import open_counts
-from pipeline.plan.genes import ORGANISMS, gene_table, organism_id, to_ensembl, to_vocabulary, vocabulary_columns
+from pipeline.io.genes import ORGANISMS, gene_table, organism_id, to_ensembl
+from pipeline.plan.vocabulary import to_vocabulary, vocabulary_columns
 
 pytestmark = pytest.mark.filterwarnings("ignore::anndata.OldFormatWarning")
 

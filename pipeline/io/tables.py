@@ -20,6 +20,7 @@ import scipy.sparse as sp
 from pandas.api.types import is_numeric_dtype
 
 from pipeline.io.files import read_npy_header
+from pipeline.io.genes import to_ensembl
 from pipeline.io.matrix import (
     DatasetError,
     as_text,
@@ -42,6 +43,8 @@ SPARSE_NAMES_SUFFIX = "_idxcol.npz"
 
 
 #: Kaggle gene columns: Ensembl gene id, underscore, symbol (``ENSG00000121410_A1BG``).
+#: A table whose columns are symbols must have at least this fraction of known human or mouse symbols.
+MIN_GENE_SYMBOL_FRACTION = 0.5
 ENSEMBL_SYMBOL_COLUMN = r"^(ENS[A-Z]*G\d{11})(?:\.\d+)?_(.+)$"
 
 
@@ -152,8 +155,8 @@ def table_var(path, columns):
     Raises
     ------
     DatasetError
-        The columns look like ATAC peaks (``chr1:9776-10668``). Protein panels
-        are refused when the genes are mapped (:mod:`pipeline.plan.datasets`).
+        The columns look like ATAC peaks (``chr1:9776-10668``), or are symbols
+        of which fewer than half match a human or mouse gene (protein panels).
     """
     names = pd.Index(np.asarray(columns, dtype=object).astype(str))
     check_not_peaks(path, names)
@@ -163,6 +166,13 @@ def table_var(path, columns):
         var["gene_ids"] = parsed[0].fillna("").to_numpy(dtype=object)
         var["gene_symbols"] = parsed[1].fillna("").to_numpy(dtype=object)
         return var
+    ids = to_ensembl(var)
+    known = ids.ids != ""
+    if ids.source.startswith("symbols") and known.mean() < MIN_GENE_SYMBOL_FRACTION:
+        examples = ", ".join(names[~known][:3])
+        raise DatasetError(path, f"looks like protein (antibody) names, not RNA: only {int(known.sum())} of its "
+                           f"{len(names)} columns are human or mouse gene symbols (not: {examples}); scPRINT-2 embeds "
+                           "gene expression")  # fmt: skip
     return var
 
 

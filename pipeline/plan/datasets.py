@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.io.formats import dataset_stat, open_counts
+from pipeline.io.genes import CLEAR_MAJORITY, ORGANISMS, GeneIds, organism_id, to_ensembl
 from pipeline.io.matrix import CountMatrix, DatasetError
-from pipeline.plan.genes import CLEAR_MAJORITY, ORGANISMS, GeneIds, organism_id, to_ensembl, vocabulary_columns
+from pipeline.plan.vocabulary import vocabulary_columns
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,6 @@ METADATA_ID_COLUMNS = ("cell_id", "obs_name", "obs_names", "barcode", "barcodes"
 
 
 #: Columns a part's cell table always has; metadata columns of the same name get a ``meta_`` prefix.
-#: Symbols as gene names: fewer matching a human or mouse gene than this fraction is a protein panel, not RNA.
-MIN_GENE_SYMBOL_FRACTION = 0.5
 CELL_COLUMNS = ("dataset", "row", "obs_name", "organism", "n_counts", "n_genes")
 #: A file declares one organism when at least this share of its cells with an organism have it.
 DECLARED_SHARE = 0.9
@@ -208,12 +207,6 @@ def _map_genes(plan: DatasetPlan, matrix: CountMatrix, vocabulary: dict[str, lis
             f"{disagreement}; its cells are taken as {ORGANISMS.get(default, default)} (data.organism)"
         )
     ids = genes if hint is None else to_ensembl(matrix.var, organism=hint)
-    known = ids.ids != ""
-    if ids.source.startswith("symbols") and known.mean() < MIN_GENE_SYMBOL_FRACTION:
-        examples = ", ".join(matrix.var.index[~known][:3])
-        raise DatasetError(plan.path, f"looks like protein (antibody) names, not RNA: only {int(known.sum())} of its "
-                           f"{len(known)} columns are human or mouse gene symbols (not: {examples}); scPRINT-2 embeds "
-                           "gene expression")  # fmt: skip
     gene_organism = ids.organism or hint
     if not gene_organism:
         raise DatasetError(plan.path, "cannot tell the organism (no organism in obs/uns, gene ids are not "

@@ -25,8 +25,8 @@ from torch.utils.data import Dataset
 from pipeline.io.files import atomic_write
 from pipeline.io.matrix import DatasetError
 from pipeline.plan.datasets import DatasetPlan
-from pipeline.plan.genes import to_vocabulary
 from pipeline.plan.units import Unit
+from pipeline.plan.vocabulary import to_vocabulary
 from pipeline.tokens.neighbors import load_neighbors, neighbor_chunks, save_neighbors
 from pipeline.tokens.select import cell_keys, identity_key, lookup, qc_reasons, select_genes
 
