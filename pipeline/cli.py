@@ -587,6 +587,8 @@ COMMANDS = {"predict": predict, "neighbors": neighbors, "status": status, "valid
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    # Lightning's "Received SIGTERM" line: run_predict says once that it stopped and will resume
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     for noise in (".*does not have many workers.*", ".*infer the batch indices.*", ".*LeafSpec.*"):
         warnings.filterwarnings("ignore", message=noise)
     if argv and argv[0] in ("-h", "--help"):

@@ -79,3 +79,32 @@ def scprint1_style_config():
         expr_encoder_layers=2, normalization="sum", finetune_gene_emb=False, layers_cls=[16],
         compress_class_dim=None, has_pos_encoder=False,
     )  # fmt: skip
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_submissions() -> list[dict]:
+    """The ``sbatch ... slurm/*.sbatch`` commands of the README's bash blocks, parsed.
+
+    Each is ``{"variables": {NAME: value}, "options": [sbatch options], "script": name, "args": [after it]}``;
+    the SLURM tests submit exactly these options and variable names (with their own values).
+    """
+    import re
+    import shlex
+
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            tokens = shlex.split(line, comments=True)
+            if "sbatch" not in tokens:
+                continue
+            at = tokens.index("sbatch")
+            script = next(k for k, t in enumerate(tokens) if t.endswith(".sbatch"))
+            found.append({
+                "variables": dict(t.split("=", 1) for t in tokens[:at]),
+                "options": tokens[at + 1:script],
+                "script": Path(tokens[script]).name,
+                "args": tokens[script + 1:],
+            })  # fmt: skip
+    return found

@@ -1,9 +1,12 @@
 """Crash safety: kill -9, SIGTERM, bad inputs and failing writes never lose or duplicate a cell."""
 
+import os
 import resource
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import anndata
 import numpy as np
@@ -56,6 +59,31 @@ def test_sigterm_stops_cleanly_with_requeue_code_and_resumes(tmp_path, reference
     proc = run(predict_args(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_atlas(out, reference)
+
+
+def test_signals_to_every_process_leave_the_workers_alone(tmp_path):
+    """As SLURM does at a requeue, signal each process of the run, its DataLoader workers first: the workers
+    ignore SIGTERM/SIGUSR1, so the run stops cleanly at the next batch (75) with one line and no traceback."""
+    out = tmp_path / "atlas"
+    args = predict_args(out, extra=["data.num_workers=1"])
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    deadline, workers = time.time() + 300, []
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((out / "manifest" / "run_0").glob("part_*.done.json"))) >= 2:
+            workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+            for pid in workers:
+                os.kill(pid, signal.SIGUSR1)
+                os.kill(pid, signal.SIGTERM)
+            time.sleep(0.3)  # a worker killed by these would be reported before the main process hears of them
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    output = proc.communicate(timeout=300)[0]
+    assert workers, "no DataLoader worker was running"
+    assert proc.returncode == 75, output[-3000:]
+    assert "Traceback" not in output and "killed by signal" not in output, output[-3000:]
+    assert output.count("stopped by SIGTERM at a batch boundary") == 1
 
 
 def test_a_failing_write_marks_nothing_done_and_leaves_no_corrupt_file(tmp_path, reference):

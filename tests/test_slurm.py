@@ -190,17 +190,77 @@ PREDICT_ENV = {
 }  # fmt: skip
 
 
+def _overrides(args: list[str]) -> dict:
+    """scatlas overrides (after ``predict``) -> their values as Hydra reads them."""
+    return {a.split("=", 1)[0]: _hydra_value(a) for a in args}
+
+
 def test_predict_dry_run_prints_the_srun_command(tmp_path):
     env = _env(tmp_path, SCATLAS_DRY_RUN="1", VENV="/opt/venv", **PREDICT_ENV)
     result = _run("predict.sbatch", env, tmp_path)
     assert result.returncode == 0, result.stderr
     args = shlex.split(result.stdout)
-    assert args[:3] == ["srun", "--cpus-per-task=8", "/opt/venv/bin/scatlas"]
-    assert args[3:] == [
-        "predict", "input=/data/runs/", "out_dir=/scratch/atlas", "model=medium",
-        "model.checkpoint=/ckpt/v2-medium.ckpt", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
-        "data.num_workers=7",
+    assert args[:4] == ["srun", "--cpus-per-task=8", "/opt/venv/bin/scatlas", "predict"]
+    assert [a.split("=", 1)[0] for a in args[4:]] == [
+        "input", "out_dir", "model", "model.checkpoint", "trainer", "trainer.devices", "trainer.num_nodes",
+        "data.num_workers",
     ]  # fmt: skip
+    assert _overrides(args[4:]) == {
+        "input": "/data/runs/", "out_dir": "/scratch/atlas", "model": "medium",
+        "model.checkpoint": "/ckpt/v2-medium.ckpt", "trainer": "ddp", "trainer.devices": 4, "trainer.num_nodes": 2,
+        "data.num_workers": 7,
+    }  # fmt: skip
+
+
+COMMA_PATH = "/data/with,comma [1]/it's a=b:c.h5ad"
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ({"INPUT": "[/data/a.h5ad,/data/b.h5ad]"}, ["/data/a.h5ad", "/data/b.h5ad"]),  # a Hydra list, as it is
+        ({"INPUT": f"['{COMMA_PATH.replace(chr(39), chr(92) + chr(39))}',/data/b.h5ad]"}, [COMMA_PATH, "/data/b.h5ad"]),
+        ({"INPUT": COMMA_PATH}, COMMA_PATH),  # one path: quoted, commas and all
+        ({"INPUT": "/data/runs,2/*.h5ad"}, "/data/runs,2/*.h5ad"),  # a glob
+        ({"INPUT_FILE": "inputs.txt", "INPUT": "/ignored/"}, [COMMA_PATH, "/data/b.h5ad", "/data/c/*.h5ad"]),
+    ],
+)
+def test_predict_input_lists_and_commas(tmp_path, variables, expected):
+    (tmp_path / "inputs.txt").write_text(
+        f"# inputs\n{COMMA_PATH}\n\n  /data/b.h5ad  \r\n/data/c/*.h5ad"
+    )  # no final newline
+    variables = {k: str(tmp_path / v) if k == "INPUT_FILE" else v for k, v in variables.items()}
+    env = _env(tmp_path, SCATLAS_DRY_RUN="1", VENV="/opt/venv", **{**PREDICT_ENV, **variables})
+    result = _run("predict.sbatch", env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert _overrides(shlex.split(result.stdout)[4:])["input"] == expected
+
+
+def test_predict_cpu_route_and_extra_overrides(tmp_path):
+    env = _env(tmp_path, SCATLAS_DRY_RUN="1", VENV="/opt/venv", TRAINER="cpu", MODEL="tiny",
+               **{**PREDICT_ENV, "CHECKPOINT": "", "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "2",
+                  "SLURM_CPUS_PER_TASK": "1"})  # fmt: skip
+    result = subprocess.run(["bash", str(SLURM / "predict.sbatch"), "data.cells_per_unit=250", "data.batch_size=32"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    overrides = _overrides(shlex.split(result.stdout)[4:])
+    assert "model.checkpoint" not in overrides
+    assert {k: overrides[k] for k in ("model", "trainer", "trainer.devices", "trainer.num_nodes", "data.num_workers",
+                                      "data.cells_per_unit", "data.batch_size")} == {
+        "model": "tiny", "trainer": "cpu", "trainer.devices": 2, "trainer.num_nodes": 1, "data.num_workers": 1,
+        "data.cells_per_unit": 250, "data.batch_size": 32,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(("variables", "message"), [
+    ({"INPUT": "/data/back\\slash.h5ad"}, "backslash"),
+    ({"INPUT_FILE": "/nowhere/inputs.txt"}, "cannot read INPUT_FILE"),
+    ({"INPUT": "[/data/a.h5ad"}, "a list cut short"),  # what sbatch --export=ALL,INPUT=[/data/a.h5ad,...] gives
+])  # fmt: skip
+def test_predict_refuses_bad_inputs(tmp_path, variables, message):
+    env = _env(tmp_path, SCATLAS_DRY_RUN="1", VENV="/opt/venv", **{**PREDICT_ENV, **variables})
+    result = _run("predict.sbatch", env, tmp_path)
+    assert result.returncode == 2 and message in result.stderr and result.stdout == ""
 
 
 @pytest.mark.parametrize(
@@ -238,6 +298,7 @@ CATALOG_LINES = [
     "/data/f.h5ad",
     "/data/g.h5ad",
     "/data/h.h5ad",
+    "/data/with,comma.h5ad",
 ]
 
 
@@ -309,7 +370,7 @@ def test_array_refuses_a_bad_array(tmp_path, extra, message):
     assert result.returncode == 2 and message in result.stderr and result.stdout == ""
 
 
-@pytest.mark.parametrize("bad", ["/data/a,b.h5ad", "/data/back\\slash.h5ad", "/data/${oops}.h5ad"])
+@pytest.mark.parametrize("bad", ["/data/back\\slash.h5ad", "/data/${oops}.h5ad"])
 def test_array_refuses_unsupported_paths(tmp_path, bad):
     catalog = tmp_path / "catalog.txt"
     catalog.write_text(f"/data/ok.h5ad\n{bad}\n")
@@ -337,3 +398,57 @@ def test_array_requeues_its_own_task_and_records_n_tasks(fake_cluster, srun_rc, 
     result = _run("predict_array.sbatch", env, tmp)
     assert result.returncode == 2 and "sharded into 4 tasks, not 5" in result.stderr
     assert not (tmp / "srun.args").exists()
+
+
+def test_array_cpu_route_and_extra_overrides(tmp_path):
+    catalog = tmp_path / "catalog.txt"
+    _write_catalog(catalog)
+    env = _env(tmp_path, SCATLAS_DRY_RUN="1", CATALOG=str(catalog), OUT_DIR="/scratch/atlas", VENV="/opt/venv",
+               SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_TASK_COUNT="4", TRAINER="cpu")  # fmt: skip
+    result = subprocess.run(["bash", str(SLURM / "predict_array.sbatch"), "model.max_len=64"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    overrides = _overrides(shlex.split(result.stdout)[4:])
+    assert overrides["trainer"] == "cpu" and overrides["model.max_len"] == 64
+
+
+def test_readme_gpu_submissions_build_the_gpu_commands(tmp_path):
+    """The README's GPU submissions (not runnable without GPUs), run as dry runs in a fake allocation."""
+    from conftest import readme_submissions
+
+    gpu = [c for c in readme_submissions() if "TRAINER" not in c["variables"]]
+    assert sorted(c["script"] for c in gpu) == ["predict.sbatch", "predict_array.sbatch"]
+    (tmp_path / "catalog.txt").write_text("/data/a.h5ad\n/data/b.h5ad\n/data/c.h5ad\n")
+    for command in gpu:
+        assert not any(o.startswith(("--gpus", "--nodes", "--ntasks", "--cpus")) for o in command["options"])
+        variables = {k: os.path.expandvars(v) for k, v in command["variables"].items()}
+        if "CATALOG" in variables:
+            variables.update(CATALOG=str(tmp_path / "catalog.txt"), SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_TASK_COUNT="3")
+        slurm = {"SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "8"}
+        env = _env(tmp_path, SCATLAS_DRY_RUN="1", **slurm, **variables)
+        result = _run(command["script"], env, tmp_path)
+        assert result.returncode == 0, result.stderr
+        overrides = _overrides(shlex.split(result.stdout)[4:])
+        if command["script"] == "predict.sbatch":
+            assert overrides["input"] == ["/data/a.h5ad", "/data/b.h5ad"] and overrides["trainer"] == "ddp"
+            assert (overrides["trainer.devices"], overrides["trainer.num_nodes"]) == (4, 2)
+        else:
+            assert overrides["input"] == ["/data/b.h5ad"] and overrides["trainer"] == "gpu"
+        assert overrides["model.checkpoint"] == "/ckpt/v2-medium.ckpt"
+
+
+def test_lightning_auto_requeue_is_off_under_slurm_only(monkeypatch):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from pipeline.predict import slurm_plugins
+
+    for name in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert slurm_plugins() == []
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "scatlas-predict")
+    (plugin,) = slurm_plugins()
+    assert isinstance(plugin, SLURMEnvironment) and not plugin.auto_requeue
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # Lightning's own rule: not a SLURM-launched task
+    assert slurm_plugins() == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -93,7 +94,7 @@ class AtlasDataModule(L.LightningDataModule):
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if num_workers else None,
-            worker_init_fn=_yield_to_forward if device_type == "cpu" else None,
+            worker_init_fn=_init_cpu_worker if device_type == "cpu" else _leave_stop_signals_to_main,
         )
 
 
@@ -125,3 +126,16 @@ def _yield_to_forward(worker_id: int) -> None:
     """With the forward on the CPU, workers run at the lowest priority: a worker taking a core from one of the
     forward's threads stalls all of them at their next synchronisation, so tokenizing is cheaper between forwards."""
     os.nice(19)
+
+
+def _leave_stop_signals_to_main(worker_id: int) -> None:
+    """Workers ignore SIGTERM and SIGUSR1: SLURM signals every process of a job step, and only the main process
+    acts on them (it stops at the next batch and exits 75); a worker killed by SIGTERM would fail the run with a
+    traceback instead. Workers still end with the main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def _init_cpu_worker(worker_id: int) -> None:
+    _leave_stop_signals_to_main(worker_id)
+    _yield_to_forward(worker_id)

@@ -57,7 +57,7 @@ from pipeline.plan.units import Unit, make_units
 from pipeline.run.datamodule import neighbor_files
 from pipeline.run.module import AtlasPredictor, forward_numerics, precision_warning
 from pipeline.run.progress import progress_callback
-from pipeline.run.signals import install_stop_handlers, stop_requested
+from pipeline.run.signals import install_stop_handlers, slurm_plugins, stop_requested
 from pipeline.run.writer import PartWriter
 from pipeline.tokens.batches import prepare_locked
 
@@ -218,7 +218,9 @@ def run_predict(cfg: DictConfig, extra_lines: Callable[[Path, int], list[str]] |
     run = resolve_run(out_dir, cfg.run)
     writer = PartWriter(out_dir, run, earlier_world_size(out_dir, run))
     numerics = NumericsReport()
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, progress_callback(), numerics])
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=[writer, progress_callback(), numerics], plugins=slurm_plugins()
+    )
     with hold_lock(lock_path(out_dir), str(out_dir)) if trainer.global_rank == 0 else nullcontext():
         return _embed(cfg, out_dir, run, trainer, numerics, extra_lines)
 
@@ -294,8 +296,8 @@ def _embed(cfg: DictConfig, out_dir: Path, run: int, trainer: L.Trainer, numeric
     except BaseException:
         if stop_requested() is None:
             raise
-        log.warning("rank %d stopped by signal %d; done units are kept, resume with the same command",
-                    trainer.global_rank, stop_requested())  # fmt: skip
+        log.warning("rank %d stopped by %s at a batch boundary; done units are kept, and the same command "
+                    "(a requeued job) resumes the atlas", trainer.global_rank, signal.Signals(stop_requested()).name)  # fmt: skip
         trainer.strategy.barrier()  # release ranks that finished and wait for the others
         return EXIT_INTERRUPTED if stop_requested() == signal.SIGINT else EXIT_PREEMPTED
     trainer.strategy.barrier()
