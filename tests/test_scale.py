@@ -19,7 +19,7 @@ def test_scale_bench_measures_every_figure(tmp_path, capsys):
         assert row["n_parts"] == 2 * n and row["to_anndata_cells"] == row["n_cells"] > 0.9 * 30 * n
         for key in ("status_s", "validate_s", "validate_quick_s", "summarize_s", "open_atlas_s", "to_anndata_s"):
             assert row[key] > 0
-        assert 100 < row["predict_peak_rss_mib"] < 4096
+        assert 100 < row["predict_peak_rss_mib"] < 24 * 1024  # the machine's memory: measured, not a target
         assert open_atlas(tmp_path / f"atlas_{n}", progress=False).n_cells == row["n_cells"]
     assert large["marginal_overhead_per_unit_s"] * 2 == pytest.approx(large["marginal_overhead_per_dataset_s"])
     (growth,) = report["growth"]
@@ -39,6 +39,7 @@ def test_scale_bench_measures_every_figure(tmp_path, capsys):
 def test_neighbors_step_then_predict_reads_line_logs_and_resumes_without_opening_done_files(tmp_path):
     """``scatlas neighbors`` builds the graphs a later predict only loads; predict's log reads line by line;
     the marker index agrees with the markers; a resume of a finished atlas does not open its inputs."""
+    import os
     import shutil
     import sys
 
@@ -75,7 +76,11 @@ def test_neighbors_step_then_predict_reads_line_logs_and_resumes_without_opening
     write_json(markers[0], {**record, "seconds": 123.0})
     assert done_parts(out, 0)[record["part"]]["seconds"] == 123.0
 
-    inputs[0].write_bytes(b"not an h5ad file any more")  # a finished dataset is not opened on resume
+    # a finished dataset whose file keeps its size and modification time is not opened on resume: junk of the
+    # same size in its place goes unread (a file whose size or time changed is opened and checked: test_faults)
+    stat = inputs[0].stat()
+    inputs[0].write_bytes(b"\0" * stat.st_size)
+    os.utime(inputs[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
     proc = run(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "datasets done 2/2" in proc.stdout and validate(out) == []
+    assert "is complete, nothing to do: 658 cells embedded" in proc.stdout and validate(out) == []

@@ -228,7 +228,7 @@ def _map_genes(plan: DatasetPlan, matrix: CountMatrix, vocabulary: dict[str, lis
             f"({settings['min_gene_coverage']:.2%}, data.min_gene_coverage) are needed; check the gene ids "
             f"({ids.source})",
         )
-    if n_covered < settings["max_len"]:
+    if n_covered < settings.get("max_len", 0):  # the data settings of a run carry model.max_len
         plan.warnings.append(
             f"small gene panel: {n_covered} vocabulary genes, fewer than the {settings['max_len']} gene tokens a "
             "cell shows the model (model.max_len): every cell is filled up with genes the panel did not measure, "

@@ -124,11 +124,13 @@ def plan_run(
 
 
 def finished_records(out_dir, run: int, stored_units: list[Unit]) -> dict[int, dict]:
-    """dataset -> its ``datasets.parquet`` row, for the datasets of the stored plan whose every unit is done."""
+    """dataset -> its ``datasets.parquet`` row, for the datasets of the stored plan whose every unit is done and
+    whose parts are whole (a damaged part is embedded again, so its dataset is opened)."""
     if not stored_units or not datasets_path(out_dir).exists():
         return {}
     done = done_parts(out_dir, run)
-    pending = {u.dataset for u in stored_units if u.part not in done}
+    damaged = damaged_parts(out_dir, done)
+    pending = {u.dataset for u in stored_units if u.part not in done or u.part in damaged}
     table = pd.read_parquet(datasets_path(out_dir))
     table = table[~table.dataset.isin(pending) & table.dataset.isin({u.dataset for u in stored_units})]
     return {int(row["dataset"]): row for row in table.to_dict("records")}
