@@ -188,9 +188,15 @@ def test_requeued_job_resumes_each_time_and_ends_complete(cluster, tmp_path):
         )
         assert jobs(cluster, job)[0]["JobState"] == "RUNNING", "the job ended before it could be requeued"
         subprocess.run(["scontrol", "requeue", job], env=cluster, check=True, capture_output=True, timeout=30)
-        wait(
-            cluster, job, lambda r, restart=restart: r[0]["Restarts"] == str(restart) and r[0]["JobState"] == "RUNNING"
-        )
+
+        def requeued(records, restart=restart):
+            if records[0]["JobState"] == "FAILED" and records[0]["Restarts"] == str(restart - 1):
+                # on a loaded machine the batch script can end (exit 75) before slurmctld takes the requeue, and
+                # the job is recorded as failed: requeue the ended job, as an operator would; the atlas resumes
+                subprocess.run(["scontrol", "requeue", job], env=cluster, capture_output=True, timeout=30)
+            return records[0]["Restarts"] == str(restart) and records[0]["JobState"] == "RUNNING"
+
+        wait(cluster, job, requeued)
     (record,) = wait(cluster, job, ended)
     log = read_log(tmp_path / f"scatlas-predict-{job}.log")
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0" and record["Restarts"] == "2", log[-4000:]
