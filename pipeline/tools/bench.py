@@ -10,8 +10,6 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ from pipeline.run.cpu import fast_fp32_matmul, fp32_matmul_precision, keep_freed
 from pipeline.run.datamodule import resolve_num_workers
 from pipeline.run.predict import run_predict
 from pipeline.tools.inputs import plan_files, predict_config, prepare, whole_file_batches
+from pipeline.tools.process import in_fresh_process, peak_rss_mib
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "tests" / "data"  # in a checkout
 PACKAGE_DATA = DATA_DIR
@@ -103,39 +102,6 @@ def tile_dataset(n_cells: int, path: Path) -> Path:
     adata.write_h5ad(path.with_suffix(".tmp.h5ad"))
     path.with_suffix(".tmp.h5ad").rename(path)
     return path
-
-
-def in_fresh_process(call: str) -> dict:
-    """Evaluate ``call``, an expression giving a dict (``bench`` and ``Path`` are imported), in a new Python process.
-
-    Like a user's own run, it starts with none of this process's memory,
-    threads or allocator state. The dict comes back with the process's peak
-    resident memory added (``peak_rss_mib``).
-    """
-    code = (
-        "import json, warnings; warnings.simplefilter('ignore'); from pathlib import Path; "
-        f"from pipeline.tools import bench; r = {call}; r['peak_rss_mib'] = bench.peak_rss_mib(); print(json.dumps(r))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{call} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory in MiB.
-
-    On Linux this is ``VmHWM``: ``ru_maxrss`` of a process started from a large
-    one begins at its parent's size (the forked copy counts until ``exec``).
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB elsewhere
 
 
 def streaming_peak_rss(path: Path, model_name: str, max_len: int, batch_size: int, work_dir: Path) -> dict:

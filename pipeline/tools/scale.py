@@ -28,6 +28,7 @@ from pipeline import DATA_DIR
 from pipeline.atlas.layout import datasets_path, marker_path, part_file, part_stem, units_path
 from pipeline.atlas.manifest import done_parts, index_markers
 from pipeline.io.files import read_json
+from pipeline.tools.process import current_rss_mib, in_fresh_process, peak_rss_mib
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
 SOURCE = "tenx_mouse_brain_e18_10000x1000.h5ad"
@@ -77,7 +78,7 @@ def predict_costs(input_dir: str, out_dir: str, cells_per_unit: int, threads: in
 
     Returns wall seconds, forward seconds, seconds to the first forward and
     the process's peak RSS. Run it in a fresh process
-    (:func:`pipeline.tools.bench.in_fresh_process`), as a user runs predict.
+    (:func:`pipeline.tools.process.in_fresh_process`), as a user runs predict.
     ``threads`` sets torch's threads (on a crowded machine, a forward's threads
     waiting for each other can make it 15x slower than one thread).
     """
@@ -85,7 +86,6 @@ def predict_costs(input_dir: str, out_dir: str, cells_per_unit: int, threads: in
 
     from pipeline.run.module import AtlasPredictor
     from pipeline.run.predict import run_predict
-    from pipeline.tools.bench import peak_rss_mib
 
     clock = {"forward": 0.0, "first": None, "batches": 0}
     forward = AtlasPredictor.predict_step
@@ -127,9 +127,9 @@ def reading_costs(out_dir: str) -> dict:
     result["validate_quick_problems"] = len(problems)
     result["validate_s"], problems = _timed(lambda: validate(out_dir))
     result["validate_problems"] = len(problems)
-    before = _current_rss_mib()
+    before = current_rss_mib()
     result["open_atlas_s"], atlas = _timed(lambda: open_atlas(out_dir, progress=False))
-    result["open_atlas_rss_mib"] = _current_rss_mib() - before
+    result["open_atlas_rss_mib"] = current_rss_mib() - before
     result["n_parts"], result["n_cells"] = len(atlas.parts), atlas.n_cells
     result["to_anndata_s"], adata = _timed(lambda: atlas.to_anndata())
     result["to_anndata_cells"] = adata.n_obs
@@ -194,8 +194,6 @@ def scale_bench(sizes: list[int], work_dir: Path, cells: int = 30, cells_per_uni
     ``fresh_process`` runs each predict in a new Python process, as a user
     does; the test runs them in its own.
     """
-    from pipeline.tools.bench import in_fresh_process
-
     rows = []
     for n in sizes:
         inputs = build_datasets(n, cells, work_dir / f"inputs_{n}")
@@ -234,9 +232,9 @@ def scale_bench(sizes: list[int], work_dir: Path, cells: int = 30, cells_per_uni
         figures["status_s"], _ = _timed(lambda: status_report(load_state(out)))
         figures["validate_quick_s"], problems = _timed(lambda: validate(out, quick=True))
         figures["validate_quick_problems"] = len(problems)
-        before = _current_rss_mib()
+        before = current_rss_mib()
         figures["open_atlas_s"], atlas = _timed(lambda: open_atlas(out, progress=False))
-        figures["open_atlas_rss_mib"] = _current_rss_mib() - before
+        figures["open_atlas_rss_mib"] = current_rss_mib() - before
         figures["n_parts"] = len(atlas.parts)
         report["planned"] = figures
     report["targets"] = targets(report)
@@ -330,13 +328,3 @@ def _timed(call):
     start = time.perf_counter()
     value = call()
     return time.perf_counter() - start, value
-
-
-def _current_rss_mib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
