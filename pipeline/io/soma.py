@@ -132,25 +132,24 @@ def _read_obs(path, experiment, obs_filter):
             raise DatasetError(path, f"data.soma_filter={obs_filter!r} cannot filter obs: {soma_reason(err)} "
                                f"(obs columns: {', '.join(experiment.obs.schema.names)})") from err  # fmt: skip
         raise
-    obs = table.to_pandas().sort_values("soma_joinid", kind="stable").reset_index(drop=True)
-    if obs_filter and obs.empty:
+    if obs_filter and table.num_rows == 0:
         raise DatasetError(path, f"data.soma_filter={obs_filter!r} keeps no cell")
-    name_column = next((c for c in OBS_NAME_COLUMNS if c in obs.columns), "soma_joinid")
-    obs.index = pd.Index(obs[name_column].astype(str).to_numpy(), name=None)
-    for name in obs.columns:
-        if isinstance(obs[name].dtype, pd.CategoricalDtype):
-            obs[name] = obs[name].astype(str)
-    return obs
+    return _as_frame(table, OBS_NAME_COLUMNS)
 
 
 def _read_var(measurement):
-    var = measurement.var.read().concat().to_pandas().sort_values("soma_joinid", kind="stable")
-    name_column = next((c for c in VAR_NAME_COLUMNS if c in var.columns), "soma_joinid")
-    var.index = pd.Index(var[name_column].astype(str).to_numpy(), name=None)
-    for name in var.columns:
-        if isinstance(var[name].dtype, pd.CategoricalDtype):
-            var[name] = var[name].astype(str)
-    return var
+    return _as_frame(measurement.var.read().concat(), VAR_NAME_COLUMNS)
+
+
+def _as_frame(table, name_columns):
+    """A SOMA dataframe as pandas: in ``soma_joinid`` order, indexed by its first name column, categoricals as str."""
+    frame = table.to_pandas().sort_values("soma_joinid", kind="stable").reset_index(drop=True)
+    name_column = next((c for c in name_columns if c in frame.columns), "soma_joinid")
+    frame.index = pd.Index(frame[name_column].astype(str).to_numpy(), name=None)
+    for name in frame.columns:
+        if isinstance(frame[name].dtype, pd.CategoricalDtype):
+            frame[name] = frame[name].astype(str)
+    return frame
 
 
 def _choose_layer(path, rows, measurement, layer, layers):
