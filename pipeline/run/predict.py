@@ -278,7 +278,7 @@ def _embed(cfg: DictConfig, out_dir: Path, run: int, trainer: L.Trainer, numeric
     numerics.record = record_numerics
     if trainer.global_rank == 0:  # the other ranks read the plan and markers after Lightning's barrier before setup
         remove_temporaries(out_dir)
-        for part, problem in damaged_parts(out_dir, done_parts(out_dir, run)).items():
+        for part, problem in damaged_parts(out_dir, done).items():
             log.warning("%s: part %d is damaged (%s): its unit is embedded again", out_dir, part, problem)
             forget_part(out_dir, run, part)
         if replaced:
