@@ -6,6 +6,7 @@
     datasets.parquet                             one row per input dataset (status, error, ...)
     manifest/units.parquet                       the plan: part id -> (dataset, row range), each input's identity
     manifest/lock                                held (flock) by the run writing the atlas: its host and pid
+    manifest/attempt.json                        rank 0's word to the other ranks: plan stored, or the error it met
     manifest/run_{run}/part_{part}.done.json     written last, after the part's files
     manifest/run_{run}/part_{part}.failed.json   a unit that could not be embedded
     manifest/run_{run}/{done,failed}_index.json  the markers' records, read once (a cache: the markers decide)
@@ -41,6 +42,11 @@ def datasets_path(out_dir) -> Path:
 
 def units_path(out_dir) -> Path:
     return Path(out_dir) / "manifest" / "units.parquet"
+
+
+def attempt_path(out_dir) -> Path:
+    """What rank 0 of a multi-rank attempt tells the others before they read its plan (see pipeline.run.predict)."""
+    return Path(out_dir) / "manifest" / "attempt.json"
 
 
 def lock_path(out_dir) -> Path:

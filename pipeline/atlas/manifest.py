@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.atlas.labels import term_names
 from pipeline.atlas.layout import datasets_path, is_marker, marker_index_path, marker_path, run_dir, units_path
 from pipeline.io.files import atomic_write, read_json, write_json
-from pipeline.plan.datasets import DatasetPlan
+from pipeline.plan.datasets import DatasetPlan, plan_from_record
 from pipeline.plan.units import Unit
 
 
@@ -64,6 +64,14 @@ def read_units(out_dir) -> tuple[list[Unit], dict[int, dict]]:
     for row in table.drop_duplicates("dataset").itertuples():
         inputs[int(row.dataset)] = {c: getattr(row, c, None) for c in INPUT_COLUMNS}
     return units, inputs
+
+
+def read_plan(out_dir) -> tuple[list[Unit], dict[int, DatasetPlan]]:
+    """The plan rank 0 stored for the attempt: its units and the light plan of every dataset (no file opened)."""
+    units, inputs = read_units(out_dir)
+    table = pd.read_parquet(datasets_path(out_dir))
+    datasets = {int(r["dataset"]): plan_from_record(r, inputs.get(int(r["dataset"]))) for r in table.to_dict("records")}
+    return units, datasets
 
 
 def write_units(out_dir, units: list[Unit], inputs: dict[int, dict]) -> None:

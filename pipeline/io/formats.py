@@ -94,8 +94,8 @@ def dataset_stat(path):
 def genomes_of(path):
     """The genomes of a multi-genome (barnyard) Cell Ranger 1/2 ``.h5``, each a dataset; ``[]`` for any other input."""
     try:
-        if os.path.isdir(path) or not h5py.is_hdf5(path):
-            return []
+        if os.path.isdir(path) or path.lower().endswith(".h5ad") or not h5py.is_hdf5(path):
+            return []  # an h5ad is HDF5 too, but never a Cell Ranger file: not opened here
         with h5py.File(path, "r") as h5_file:
             genomes = [] if "matrix" in h5_file else genome_groups(h5_file)
     except (OSError, ValueError):  # missing or unreadable: open_counts names the problem

@@ -7,9 +7,12 @@ recorded as failed with a one-line error and the others go on.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
-from dataclasses import dataclass, field
+import multiprocessing
+import os
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -36,6 +39,13 @@ DECLARED_SHARE = 0.9
 #: Rows of a count matrix that its fingerprint reads: this many at each end and this many spread between.
 IDENTITY_ROWS = 32
 
+#: The data settings that say how a dataset is read (a catalog row may override them): stored with its plan,
+#: so that a DataLoader worker or another rank opens it again exactly as it was planned.
+READ_SETTINGS = ("counts", "organism", "metadata", "soma_filter", "min_gene_coverage", "max_len", "dataset_id")
+
+#: Planning runs in this many datasets per worker process and batch of work, at least (fewer: in this process).
+DATASETS_PER_PROCESS = 32
+
 
 @dataclass
 class DatasetPlan:
@@ -61,7 +71,8 @@ class DatasetPlan:
     size: int = 0
     mtime_ns: int = 0
     fingerprint: str = ""
-    # not persisted: what workers need to tokenize this dataset's cells
+    read_settings: dict = field(default_factory=dict)  # READ_SETTINGS as planned (datasets.parquet, as JSON)
+    # not persisted, and not kept by the run's plan (see light): what workers need to tokenize its cells
     gene_columns: np.ndarray | None = field(default=None, repr=False)  # vocabulary column per gene, -1 if none
     n_vocab: int = 0  # genes in the model's vocabulary of gene_organism
     cell_organisms: np.ndarray | None = field(default=None, repr=False)
@@ -77,26 +88,46 @@ class DatasetPlan:
             "error": self.error, "counts_location": self.counts_location, "organism": self.gene_organism,
             "gene_source": self.gene_source, "n_genes": self.n_genes, "n_vocab_genes": self.n_vocab_genes,
             "vocab_coverage": self.vocab_coverage, "warnings": "; ".join(self.warnings),
+            "read_settings": json.dumps(self.read_settings, sort_keys=True),
         }  # fmt: skip
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the plan holds what tokenizing needs (its open counts and gene mapping), see :func:`load_dataset`."""
+        return self.matrix is not None and self.gene_columns is not None
 
-def finished_plan(record: dict, known: dict) -> DatasetPlan:
-    """The plan of a dataset whose every unit is done, from its ``datasets.parquet`` row: its file is not opened.
+    def light(self) -> DatasetPlan:
+        """This plan without its open counts, gene mapping and cell columns: what a run keeps of every dataset.
 
-    It carries what the tables need (cells, organism, genes, warnings) and the
-    input identity the stored plan recorded (``known``), and nothing to read
-    cells with; a resume gives no unit of it to any rank.
+        About a kilobyte, picklable, and all the tables need; a worker opens
+        the dataset again where it tokenizes it (:func:`load_dataset`), so a
+        run's memory does not grow with the number of datasets it planned.
+        """
+        return replace(self, matrix=None, gene_columns=None, cell_organisms=None, cell_metadata={})
+
+
+def plan_from_record(record: dict, known: dict | None = None) -> DatasetPlan:
+    """The light plan of a dataset from its ``datasets.parquet`` row (see :meth:`DatasetPlan.light`): no file opened.
+
+    ``known`` is the input identity the stored plan recorded (size,
+    modification time, fingerprint), if any. A resumed run takes the plan of a
+    finished dataset from here, and the ranks other than 0 the plan of every
+    dataset that rank 0 stored for the attempt.
     """
     warnings = str(record.get("warnings") or "")
+    identity = {} if known is None or known.get("fingerprint") is None else {"size": int(known["size"]), "mtime_ns": int(known["mtime_ns"]),
+                                         "fingerprint": str(known["fingerprint"])}  # fmt: skip
     return DatasetPlan(
         dataset=int(record["dataset"]), path=str(record["path"]), dataset_id=str(record.get("dataset_id") or ""),
         metadata=str(record.get("metadata") or ""), n_cells=int(record["n_cells"]),
+        status="failed" if record.get("status") == "failed" and record.get("n_units", 1) == 0 else "pending",
+        error=str(record.get("error") or ""),
         counts_location=str(record.get("counts_location") or ""), gene_organism=str(record.get("organism") or ""),
         gene_source=str(record.get("gene_source") or ""), n_genes=int(record.get("n_genes") or 0),
         n_vocab_genes=int(record.get("n_vocab_genes") or 0), vocab_coverage=float(record.get("vocab_coverage") or 0),
         warnings=warnings.split("; ") if warnings else [], soma_filter=str(record.get("soma_filter") or ""),
-        identity=str(record.get("identity") or ""),
-        size=int(known["size"]), mtime_ns=int(known["mtime_ns"]), fingerprint=str(known["fingerprint"]),
+        identity=str(record.get("identity") or ""), read_settings=json.loads(record.get("read_settings") or "{}"),
+        **identity,
     )  # fmt: skip
 
 
@@ -121,19 +152,14 @@ def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], sett
     in the cell table. ``known`` is the identity the stored plan recorded for
     this dataset, if any (see :func:`input_identity`).
     """
+    read_settings = {key: settings[key] for key in READ_SETTINGS if settings.get(key) not in (None, "")}
     plan = DatasetPlan(dataset=dataset, path=path, dataset_id=settings.get("dataset_id") or "",
-                       metadata=settings.get("metadata") or "", soma_filter=settings.get("soma_filter") or "")  # fmt: skip
+                       metadata=settings.get("metadata") or "", soma_filter=settings.get("soma_filter") or "",
+                       read_settings=read_settings)  # fmt: skip
     try:
-        matrix = open_counts(path, counts=settings.get("counts", "auto"), obs_filter=plan.soma_filter or None)
-        plan.matrix, plan.n_cells, plan.n_genes = matrix, matrix.n_cells, matrix.n_genes
+        matrix = _open_and_map(plan, vocabulary)
         plan.size, plan.mtime_ns, plan.fingerprint = input_identity(path, matrix, known)
-        plan.counts_location, plan.warnings = matrix.counts_location, list(matrix.warnings)
         plan.identity = dataset_identity(matrix, plan.dataset_id)
-        _map_genes(plan, matrix, vocabulary, settings)
-        if plan.metadata:
-            plan.cell_metadata = join_metadata(plan, matrix.obs_names)
-        if "soma_joinid" in matrix.obs:  # a TileDB-SOMA cell's id in its experiment, whatever the filter
-            plan.cell_metadata["soma_joinid"] = matrix.obs["soma_joinid"].to_numpy(np.int64)
     except DatasetError as err:
         plan.status, plan.error = "failed", str(err)
     except ValueError as err:  # e.g. an organism name we cannot read
@@ -143,6 +169,89 @@ def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], sett
         message = " ".join(str(err).split())
         plan.status, plan.error = "failed", str(DatasetError(path, f"{type(err).__name__}: {message}"))
     return plan
+
+
+def _open_and_map(plan: DatasetPlan, vocabulary: dict[str, list[str]], quiet: bool = False) -> CountMatrix:
+    """Open the plan's dataset with its ``read_settings`` and fill in its counts, gene mapping and cell columns."""
+    settings = plan.read_settings
+    matrix = open_counts(plan.path, counts=settings.get("counts", "auto"), obs_filter=plan.soma_filter or None)
+    plan.matrix, plan.n_cells, plan.n_genes = matrix, matrix.n_cells, matrix.n_genes
+    plan.counts_location, plan.warnings = matrix.counts_location, list(matrix.warnings)
+    _map_genes(plan, matrix, vocabulary, settings, quiet)
+    if plan.metadata:
+        plan.cell_metadata = join_metadata(plan, matrix.obs_names, quiet)
+    if "soma_joinid" in matrix.obs:  # a TileDB-SOMA cell's id in its experiment, whatever the filter
+        plan.cell_metadata["soma_joinid"] = matrix.obs["soma_joinid"].to_numpy(np.int64)
+    return matrix
+
+
+def load_dataset(plan: DatasetPlan, vocabulary: dict[str, list[str]]) -> DatasetPlan:
+    """A light plan (:meth:`DatasetPlan.light`) made ready to tokenize: its file opened again as it was planned.
+
+    Done where the dataset's first batch is tokenized (a DataLoader worker).
+    Its warnings were logged at planning and are not logged again.
+
+    Raises
+    ------
+    DatasetError
+        The file cannot be read now, or no longer has the cells and genes it was planned with.
+    """
+    if plan.loaded:
+        return plan
+    loaded = replace(plan, warnings=[])
+    try:
+        _open_and_map(loaded, vocabulary, quiet=True)
+    except (DatasetError, OSError):
+        raise
+    except Exception as err:  # noqa: BLE001 - fails the dataset's units with the reason, as planning would
+        raise DatasetError(plan.path, f"{type(err).__name__}: {' '.join(str(err).split())}") from err
+    if (loaded.n_cells, loaded.n_genes, loaded.gene_organism) != (plan.n_cells, plan.n_genes, plan.gene_organism):
+        found = f"{loaded.n_cells} cells x {loaded.n_genes} genes ({loaded.gene_organism or 'no organism'})"
+        raise DatasetError(plan.path, f"now has {found}, but was planned with {plan.n_cells} x {plan.n_genes} "
+                           f"({plan.gene_organism}); the file changed during the run: run the same command "
+                           "again to plan it anew")  # fmt: skip
+    return replace(loaded, warnings=plan.warnings)
+
+
+def plan_datasets(jobs: list[tuple[int, str, dict, dict | None]], vocabulary: dict[str, list[str]],
+                  processes: int | None = None) -> list[DatasetPlan]:  # fmt: skip
+    """The light plans (:meth:`DatasetPlan.light`) of ``jobs``: ``(dataset, path, settings, known)`` each.
+
+    Datasets are planned in parallel, in ``processes`` forked worker processes
+    (default: one per CPU this process may use, at most one per
+    :data:`DATASETS_PER_PROCESS` datasets, so a short list is planned here).
+    Planning opens every file, so at atlas scale it is the longest step
+    before the first batch; its results do not depend on the process that
+    made them. Failures are recorded in the plans, as :func:`plan_dataset` does.
+    """
+    if processes is None:
+        processes = min(len(os.sched_getaffinity(0)), len(jobs) // DATASETS_PER_PROCESS)
+    if processes <= 1:
+        return [_plan_light(job, vocabulary) for job in jobs]
+    context = multiprocessing.get_context("fork")  # workers share the vocabulary, nothing is pickled but plans
+    global _POOL_VOCABULARY
+    _POOL_VOCABULARY = vocabulary
+    try:
+        with context.Pool(processes) as pool:
+            chunk = max(1, min(DATASETS_PER_PROCESS, len(jobs) // (4 * processes)))
+            return pool.map(_plan_in_worker, jobs, chunksize=chunk)
+    finally:
+        _POOL_VOCABULARY = None
+
+
+_POOL_VOCABULARY: dict[str, list[str]] | None = None  # the vocabulary of plan_datasets' forked workers
+
+
+def _plan_in_worker(job: tuple[int, str, dict, dict | None]) -> DatasetPlan:
+    return _plan_light(job, _POOL_VOCABULARY)
+
+
+def _plan_light(job: tuple[int, str, dict, dict | None], vocabulary: dict[str, list[str]]) -> DatasetPlan:
+    dataset, path, settings, known = job
+    plan = plan_dataset(dataset, path, vocabulary, settings, known)
+    if plan.matrix is not None:
+        plan.matrix.close()
+    return plan.light()
 
 
 def input_identity(path: str, matrix: CountMatrix, known: dict | None) -> tuple[int, int, str]:
@@ -188,7 +297,8 @@ def dataset_identity(matrix: CountMatrix, dataset_id: str = "") -> str:
     return f"counts:{digest.hexdigest()[:32]}"
 
 
-def _map_genes(plan: DatasetPlan, matrix: CountMatrix, vocabulary: dict[str, list[str]], settings: dict) -> None:
+def _map_genes(plan: DatasetPlan, matrix: CountMatrix, vocabulary: dict[str, list[str]], settings: dict,
+               quiet: bool = False) -> None:  # fmt: skip
     default = organism_id(settings.get("organism"))
     organisms = cell_organisms(matrix, default)
     known = [o for o in organisms if o]
@@ -236,7 +346,7 @@ def _map_genes(plan: DatasetPlan, matrix: CountMatrix, vocabulary: dict[str, lis
         )
     plan.gene_columns, plan.n_vocab = gene_columns, len(vocabulary[gene_organism])
     plan.cell_organisms = organisms
-    for warning in plan.warnings:
+    for warning in [] if quiet else plan.warnings:
         log.warning("%s: %s", plan.path, warning)
 
 
@@ -268,7 +378,7 @@ def organism_disagreement(matrix: CountMatrix, declared: str | None, genes: Gene
             f"{matrix.n_genes} {what} {ORGANISMS[other]}, {n_declared} {ORGANISMS[declared]}")  # fmt: skip
 
 
-def join_metadata(plan: DatasetPlan, obs_names: np.ndarray) -> dict[str, np.ndarray]:
+def join_metadata(plan: DatasetPlan, obs_names: np.ndarray, quiet: bool = False) -> dict[str, np.ndarray]:
     """The columns of the plan's metadata table, one value per row of the dataset, matched by cell id.
 
     The cell ids are the table's ``cell_id`` column (else ``obs_name``,
@@ -297,7 +407,8 @@ def join_metadata(plan: DatasetPlan, obs_names: np.ndarray) -> dict[str, np.ndar
     if n_missing:
         warning = f"metadata {plan.metadata}: {n_missing} of {len(cells)} cells have no row (their columns are empty)"
         plan.warnings.append(warning)
-        log.warning("%s: %s", plan.path, warning)
+        if not quiet:
+            log.warning("%s: %s", plan.path, warning)
     return {(f"meta_{name}" if str(name) in CELL_COLUMNS else str(name)): rows[name].to_numpy() for name in rows}
 
 

@@ -31,12 +31,28 @@ def vocabulary_columns(ids, vocabulary):
     ValueError
         The vocabulary has repeated genes.
     """
-    vocabulary_index = pd.Index(vocabulary)
-    if not vocabulary_index.is_unique:
-        repeated = vocabulary_index[vocabulary_index.duplicated()][0]
-        raise ValueError(f"the vocabulary repeats gene {repeated!r}")
+    vocabulary_index = _index_of(vocabulary)
     columns = vocabulary_index.get_indexer(pd.Index(np.asarray(ids, dtype=object))).astype(np.int64)
     return columns, int(np.unique(columns[columns >= 0]).size)
+
+
+#: id of a vocabulary list -> (the list, its index): a run maps every dataset to the same few vocabularies
+_INDEXES: dict[int, tuple[list, pd.Index]] = {}
+
+
+def _index_of(vocabulary) -> pd.Index:
+    """The model's genes as a unique pandas index, built once per vocabulary list (the list is kept alive with it)."""
+    known = _INDEXES.get(id(vocabulary))
+    if known is not None and known[0] is vocabulary:
+        return known[1]
+    index = pd.Index(vocabulary)
+    if not index.is_unique:
+        repeated = index[index.duplicated()][0]
+        raise ValueError(f"the vocabulary repeats gene {repeated!r}")
+    if len(_INDEXES) >= 64:
+        _INDEXES.clear()
+    _INDEXES[id(vocabulary)] = (vocabulary, index)
+    return index
 
 
 def to_vocabulary(counts, columns, n_vocab):

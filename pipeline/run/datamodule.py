@@ -18,8 +18,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.atlas.layout import neighbors_lock_path, neighbors_path, sparse_copy_path
-from pipeline.atlas.manifest import done_parts
+from pipeline.atlas.layout import attempt_path, neighbors_lock_path, neighbors_path, sparse_copy_path
+from pipeline.atlas.manifest import done_parts, read_plan
+from pipeline.io.files import read_json
 from pipeline.plan.datasets import DatasetPlan
 from pipeline.plan.units import Unit, assign_units
 from pipeline.tokens.batches import NeighborFiles, UnitBatches
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class AtlasDataModule(L.LightningDataModule):
-    """Plans nothing itself: it is given the plan, and picks the units of its rank that are not done."""
+    """Plans nothing itself: it is given the plan (rank 0) or reads the one rank 0 stored (the other ranks), and
+    picks the units of its rank that are not done."""
 
     def __init__(
         self,
@@ -44,22 +46,31 @@ class AtlasDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.min_counts, self.min_genes, self.n_neighbors = min_counts, min_genes, n_neighbors
         self.max_len = max_len
-        self.units: list[Unit] = []
+        self.units: list[Unit] | None = []  # None: read the plan rank 0 stored, in setup
         self.datasets: dict[int, DatasetPlan] = {}
+        self.vocabulary: dict[str, list[str]] = {}
+        self.attached = False  # whether run_predict gave the module its plan (or told it to read rank 0's)
+        self.refused = ""  # the error rank 0 stopped the attempt with, read by the other ranks in setup
         self.out_dir: Path | None = None
         self.run, self.seed = 0, 0
         self.vocabulary_offsets: dict[str, int] = {}
         self.uses_neighbors = True
         self.rank_units: list[Unit] = []
 
-    def attach(self, *, units, datasets, out_dir, run, seed, vocabulary_offsets, uses_neighbors) -> None:
-        """Give the module the run's plan (done by :func:`pipeline.run.predict.run_predict`)."""
-        self.units, self.datasets = units, {d.dataset: d for d in datasets}
+    def attach(self, *, units, datasets, out_dir, run, seed, vocabulary, vocabulary_offsets, uses_neighbors) -> None:
+        """Give the module the run's plan (done by :func:`pipeline.run.predict.run_predict`); ``units`` and
+        ``datasets`` None: the plan is the one rank 0 stores before the ranks meet at Lightning's barrier."""
+        self.attached, self.units = True, units
+        self.datasets = {} if datasets is None else {d.dataset: d for d in datasets}
+        self.vocabulary = vocabulary
         self.out_dir, self.run, self.seed = Path(out_dir), run, seed
         self.vocabulary_offsets, self.uses_neighbors = vocabulary_offsets, uses_neighbors
 
     def setup(self, stage: str) -> None:
         rank, world = self.trainer.global_rank, self.trainer.world_size
+        if self.units is None:  # after the barrier: rank 0 has written attempt.json and the plan for this attempt
+            self.refused = read_json(attempt_path(self.out_dir)).get("error", "")
+            self.units, self.datasets = ([], {}) if self.refused else read_plan(self.out_dir)
         done = done_parts(self.out_dir, self.run)
         mine = assign_units([u for u in self.units if u.part not in done], world)[rank]
         self.rank_units = mine
@@ -82,6 +93,7 @@ class AtlasDataModule(L.LightningDataModule):
             seed=self.seed,
             neighbor_files=self._neighbor_files(),
             n_neighbors=self.n_neighbors,
+            vocabulary=self.vocabulary,
         )
         device_type = self.trainer.strategy.root_device.type
         num_workers = resolve_num_workers(self.num_workers, device_type)

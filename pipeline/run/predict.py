@@ -24,12 +24,12 @@ import lightning as L
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from pipeline import DATA_DIR
 from pipeline.atlas.layout import (
+    attempt_path,
     datasets_path,
     description_path,
     lock_path,
@@ -51,7 +51,7 @@ from pipeline.atlas.manifest import (
 )
 from pipeline.io.files import hold_lock, read_json, remove_temporaries, write_json
 from pipeline.io.matrix import DatasetError
-from pipeline.plan.datasets import DatasetPlan, dataset_stat, finished_plan, plan_dataset
+from pipeline.plan.datasets import DatasetPlan, dataset_stat, load_dataset, plan_datasets, plan_from_record
 from pipeline.plan.inputs import expand_genomes, resolve_inputs
 from pipeline.plan.units import Unit, make_units
 from pipeline.run.datamodule import neighbor_files
@@ -99,13 +99,16 @@ def plan_run(
             )
     settings = OmegaConf.to_container(cfg.data, resolve=True)
     finished = finished_records(cfg.out_dir, run, stored_units)
-    datasets = []
+    datasets: list[DatasetPlan | None] = [None] * len(paths)
+    jobs = []
     for i, (path, (_, overrides)) in enumerate(zip(paths, inputs)):
         known = stored.get(i)
         if i in finished and known and known.get("fingerprint") is not None and unchanged_on_disk(path, known):
-            datasets.append(finished_plan(finished[i], known))
+            datasets[i] = plan_from_record(finished[i], known)  # its file is not opened
         else:
-            datasets.append(plan_dataset(i, path, vocabulary, {**settings, **overrides}, known))
+            jobs.append((i, path, {**settings, **overrides}, known))
+    for plan in plan_datasets(jobs, vocabulary):
+        datasets[plan.dataset] = plan
     for ds in datasets:
         if ds.status == "failed":
             log.error("%s", ds.error)
@@ -236,9 +239,40 @@ def earlier_world_size(out_dir: Path, run: int) -> int:
 
 
 def _embed(cfg: DictConfig, out_dir: Path, run: int, trainer: L.Trainer, numerics: NumericsReport, extra_lines) -> int:
-    """Plan, record the attempt, predict and report: :func:`run_predict` once it holds ``out_dir``."""
+    """Plan, record the attempt, predict and report: :func:`run_predict` once it holds ``out_dir``.
+
+    Rank 0 plans and stores the plan; the other ranks open no input to plan:
+    they read the stored plan after Lightning's barrier, before setup (see
+    :class:`pipeline.run.datamodule.AtlasDataModule`).
+    """
     predictor = AtlasPredictor(name=cfg.model.name, checkpoint=cfg.model.checkpoint,
                                max_len=int(cfg.model.max_len), seed=int(cfg.seed))  # fmt: skip
+    model = predictor.model
+    datamodule = instantiate(cfg.data)
+    plan_settings = dict(out_dir=out_dir, run=run, seed=int(cfg.seed), vocabulary=model.config.genes,
+                         vocabulary_offsets=model.config.organism_offsets,
+                         uses_neighbors=model.config.expr_emb_style == "metacell")  # fmt: skip
+    if trainer.global_rank != 0:
+        datamodule.attach(units=None, datasets=None, **plan_settings)
+        stopped = _predict(trainer, predictor, datamodule)
+        if datamodule.refused:  # rank 0 stopped the attempt before predicting, and said why
+            raise ValueError(datamodule.refused)
+        return EXIT_OK if stopped is None else stopped
+    # ranks started by SLURM or torchrun wait for rank 0 at the barrier: it must meet them there, even to stop
+    waited_for = trainer.world_size > 1 and trainer.strategy.cluster_environment.creates_processes_externally
+    try:
+        return _embed_rank_zero(cfg, out_dir, run, trainer, numerics, extra_lines, predictor, datamodule,
+                                plan_settings, waited_for)  # fmt: skip
+    except Exception as err:
+        if waited_for and not datamodule.attached and stop_requested() is None:  # not past the barrier yet
+            write_json(attempt_path(out_dir), {"error": str(err)})
+            datamodule.attach(units=[], datasets=[], **plan_settings)
+            _predict(trainer, predictor, datamodule)
+        raise
+
+
+def _embed_rank_zero(cfg, out_dir, run, trainer, numerics, extra_lines, predictor, datamodule, plan_settings,
+                     waited_for) -> int:  # fmt: skip
     model = predictor.model
     fingerprint = settings_fingerprint(cfg, model)
     description_file = description_path(out_dir)
@@ -254,45 +288,56 @@ def _embed(cfg: DictConfig, out_dir: Path, run: int, trainer: L.Trainer, numeric
     datasets, units, replaced = plan_run(cfg, model.config.genes, run)
     done, failed = index_markers(out_dir, run)
     finished = previous and not replaced and all(unit.part in done for unit in units)
-    if finished and not damaged_parts(out_dir, done):  # a finished atlas: nothing to predict, no Lightning noise
+    if finished and not waited_for and not damaged_parts(out_dir, done):  # nothing to predict, no Lightning noise
         if any(ds.status == "failed" for ds in datasets):
             table = write_datasets_table(out_dir, datasets, units, done, failed)
             print_summary(out_dir, table, units, run, done, extra_lines)
             return EXIT_DATASETS_FAILED
-        if rank_zero_only.rank == 0:
-            n_cells = sum(int(record["n_cells"]) for record in done.values())
-            print(f"atlas {out_dir} is complete, nothing to do: {n_cells:,} cells embedded (run {run}, "
-                  f"{len(units)} units)")  # fmt: skip
+        n_cells = sum(int(record["n_cells"]) for record in done.values())
+        print(f"atlas {out_dir} is complete, nothing to do: {n_cells:,} cells embedded (run {run}, "
+              f"{len(units)} units)")  # fmt: skip
         return EXIT_OK
-    datamodule = instantiate(cfg.data)
-    datamodule.attach(
-        units=units, datasets=datasets, out_dir=out_dir, run=run, seed=int(cfg.seed),
-        vocabulary_offsets=model.config.organism_offsets,
-        uses_neighbors=model.config.expr_emb_style == "metacell",
-    )  # fmt: skip
 
     def record_numerics(found: dict) -> None:  # the attempt in atlas.json gets the forward's device and precision
         entry["attempts"][-1].update(found)
         write_json(description_file, atlas_description(cfg, model, run, runs))
 
     numerics.record = record_numerics
-    if trainer.global_rank == 0:  # the other ranks read the plan and markers after Lightning's barrier before setup
-        remove_temporaries(out_dir)
-        for part, problem in damaged_parts(out_dir, done).items():
-            log.warning("%s: part %d is damaged (%s): its unit is embedded again", out_dir, part, problem)
-            forget_part(out_dir, run, part)
-        if replaced:
-            log.warning("%s: embedding %d units of changed inputs again (data.reembed_changed=true)", out_dir,
-                        len(replaced))  # fmt: skip
-            forget_units(out_dir, run, replaced)
-        write_units(out_dir, units, {d.dataset: {c: getattr(d, c) for c in INPUT_COLUMNS} for d in datasets})
-        if previous is None:
-            runs.append({"run": run, "settings": fingerprint, "attempts": []})
-        entry = next(r for r in runs if r["run"] == run)
-        entry["attempts"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": trainer.world_size,
-                                  "command": predict_command()})  # fmt: skip
-        write_json(description_file, atlas_description(cfg, model, run, runs))
-        write_datasets_table(out_dir, datasets, units, *index_markers(out_dir, run))
+    remove_temporaries(out_dir)
+    for part, problem in damaged_parts(out_dir, done).items():
+        log.warning("%s: part %d is damaged (%s): its unit is embedded again", out_dir, part, problem)
+        forget_part(out_dir, run, part)
+    if replaced:
+        log.warning("%s: embedding %d units of changed inputs again (data.reembed_changed=true)", out_dir,
+                    len(replaced))  # fmt: skip
+        forget_units(out_dir, run, replaced)
+    write_units(out_dir, units, {d.dataset: {c: getattr(d, c) for c in INPUT_COLUMNS} for d in datasets})
+    if previous is None:
+        runs.append({"run": run, "settings": fingerprint, "attempts": []})
+    entry = next(r for r in runs if r["run"] == run)
+    entry["attempts"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": trainer.world_size,
+                              "command": predict_command()})  # fmt: skip
+    write_json(description_file, atlas_description(cfg, model, run, runs))
+    write_datasets_table(out_dir, datasets, units, *index_markers(out_dir, run))
+    if trainer.world_size > 1:  # the other ranks read the plan just stored, after the barrier
+        write_json(attempt_path(out_dir), {"error": "", "started": entry["attempts"][-1]["started"]})
+    datamodule.attach(units=units, datasets=datasets, **plan_settings)
+    stopped = _predict(trainer, predictor, datamodule)
+    if stopped is not None:
+        return stopped
+    done, failed = index_markers(out_dir, run)
+    table = write_datasets_table(out_dir, datasets, units, done, failed)
+    for dataset in table.dataset[table.status == "done"]:  # a done dataset's sparse copy is not read again
+        sparse_copy_path(out_dir, dataset).unlink(missing_ok=True)
+    entry["attempts"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json(description_file, atlas_description(cfg, model, run, runs, with_names=True))
+    print_summary(out_dir, table, units, run, done, extra_lines)
+    return EXIT_DATASETS_FAILED if (table.status == "failed").any() else EXIT_OK
+
+
+def _predict(trainer: L.Trainer, predictor: AtlasPredictor, datamodule) -> int | None:
+    """``trainer.predict`` and the barrier after it; None when it ran to the end, else the exit code of a stop
+    requested by a signal (the rank stopped at a batch boundary; done units are kept)."""
     try:
         trainer.predict(predictor, datamodule=datamodule, return_predictions=False)
     except BaseException:
@@ -303,16 +348,7 @@ def _embed(cfg: DictConfig, out_dir: Path, run: int, trainer: L.Trainer, numeric
         trainer.strategy.barrier()  # release ranks that finished and wait for the others
         return EXIT_INTERRUPTED if stop_requested() == signal.SIGINT else EXIT_PREEMPTED
     trainer.strategy.barrier()
-    if trainer.global_rank != 0:
-        return EXIT_OK
-    done, failed = index_markers(out_dir, run)
-    table = write_datasets_table(out_dir, datasets, units, done, failed)
-    for dataset in table.dataset[table.status == "done"]:  # a done dataset's sparse copy is not read again
-        sparse_copy_path(out_dir, dataset).unlink(missing_ok=True)
-    entry["attempts"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    write_json(description_file, atlas_description(cfg, model, run, runs, with_names=True))
-    print_summary(out_dir, table, units, run, done, extra_lines)
-    return EXIT_DATASETS_FAILED if (table.status == "failed").any() else EXIT_OK
+    return None
 
 
 class NumericsReport(L.Callback):
@@ -360,7 +396,8 @@ def run_neighbors(cfg: DictConfig, task: int = 0, n_tasks: int = 1) -> int:
     for ds in mine:
         start = time.perf_counter()
         try:
-            prepare_locked(ds, neighbor_files(out_dir, ds.dataset), int(cfg.data.n_neighbors), int(cfg.seed))
+            loaded = load_dataset(ds, model.config.genes)
+            prepare_locked(loaded, neighbor_files(out_dir, ds.dataset), int(cfg.data.n_neighbors), int(cfg.seed))
         except DatasetError as err:
             log.error("%s", err)
             n_failed += 1

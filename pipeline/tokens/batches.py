@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from pipeline.io.files import atomic_write
 from pipeline.io.matrix import DatasetError
-from pipeline.plan.datasets import DatasetPlan
+from pipeline.plan.datasets import DatasetPlan, load_dataset
 from pipeline.plan.units import Unit
 from pipeline.plan.vocabulary import to_vocabulary
 from pipeline.tokens.neighbors import load_neighbors, neighbor_chunks, save_neighbors
@@ -154,14 +154,17 @@ class UnitBatches(Dataset):
         seed: int,
         neighbor_files: Mapping[int, NeighborFiles] | None,
         n_neighbors: int = 6,
+        vocabulary: dict[str, list[str]] | None = None,
     ):
-        self.datasets = datasets
+        self.datasets = datasets  # light plans (opened again here, see _load) or loaded ones
+        self.vocabulary = vocabulary  # the model's genes per organism: what a light plan is loaded with
         self.offsets = vocabulary_offsets
         self.max_len, self.seed = max_len, seed
         self.min_counts, self.min_genes = min_counts, min_genes
         self.neighbor_files = neighbor_files  # dataset -> its kNN graph; None: the model uses no neighbours
         self.n_neighbors = n_neighbors
         self._prepared: dict[int, str] = {}  # dataset -> "" once ready in this process, else the error it failed with
+        self._loaded: tuple[int, DatasetPlan | str | None] = (-1, None)  # the last dataset loaded, or its error
         self.items = []  # (unit, start, stop, last)
         for unit in units:
             for start in range(unit.start, unit.stop, batch_size):
@@ -185,6 +188,25 @@ class UnitBatches(Dataset):
             batch["error"] = f"{self.datasets[unit.dataset].path}: rows {start}-{stop}: {type(err).__name__}: {err}"
         return batch
 
+    def _load(self, dataset: int) -> DatasetPlan:
+        """The plan of ``dataset`` ready to tokenize: a light plan is opened again (:func:`load_dataset`) the first
+        time this process reaches it, and kept while its units are tokenized (a rank's units are in dataset order).
+        """
+        plan = self.datasets[dataset]
+        if plan.loaded:
+            return plan
+        if self._loaded[0] != dataset:
+            self._loaded = (dataset, None)  # let the previous one go first
+            try:
+                self._loaded = (dataset, load_dataset(plan, self.vocabulary))
+            except DatasetError as err:
+                self._loaded = (dataset, str(err))
+            except Exception as err:  # noqa: BLE001 - one broken dataset must not stop the run
+                self._loaded = (dataset, f"{plan.path}: {type(err).__name__}: {err}")
+        if isinstance(self._loaded[1], str):
+            raise DatasetError(plan.path, self._loaded[1].removeprefix(f"{plan.path}: "))
+        return self._loaded[1]
+
     def _prepare(self, ds: DatasetPlan) -> None:
         """The first time this process reaches a dataset: its graph and sparse copy (:func:`prepare_locked`).
 
@@ -204,7 +226,7 @@ class UnitBatches(Dataset):
             raise DatasetError(ds.path, self._prepared[ds.dataset].removeprefix(f"{ds.path}: "))
 
     def _tokenize(self, dataset: int, start: int, stop: int) -> dict:
-        ds = self.datasets[dataset]
+        ds = self._load(dataset)
         if self.neighbor_files is not None:
             self._prepare(ds)
         vocab, n_counts = self._read_cells(ds, start, stop)

@@ -293,6 +293,8 @@ def main(argv: list[str]) -> int:
                         "embedded, atlas whose bookkeeping is timed ('' to skip)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="--scale: torch threads of the predict processes "
                         "(default torch's); 1 on a crowded machine, where a forward's threads wait for each other")  # fmt: skip
+    parser.add_argument("--scale-workers", default="1", help="--scale: data.num_workers of the predict processes "
+                        "(default 1: a worker tokenizes while the main process runs the forward, as with a GPU)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.scale:
         return scale_main(args)
@@ -350,7 +352,8 @@ def scale_main(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="scatlas-scale-"))
     sizes = [int(x) for x in args.scale_sizes.split(",")]
     planned = tuple(int(x) for x in args.planned.split(",")) if args.planned else None
-    report = scale_bench(sizes, work_dir, planned=planned, threads=args.threads)
+    workers = int(args.scale_workers) if args.scale_workers.isdigit() else args.scale_workers
+    report = scale_bench(sizes, work_dir, planned=planned, threads=args.threads, workers=workers)
     report["machine"] = _machine(torch.device("cpu"))
     report["load_average"] = os.getloadavg()
     Path(args.json).write_text(json.dumps(report, indent=1, default=float))

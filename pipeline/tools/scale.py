@@ -73,7 +73,8 @@ def build_datasets(n_datasets: int, cells: int, folder: Path) -> Path:
     return folder
 
 
-def predict_costs(input_dir: str, out_dir: str, cells_per_unit: int, threads: int | None = None) -> dict:
+def predict_costs(input_dir: str, out_dir: str, cells_per_unit: int, threads: int | None = None,
+                  workers: int | str = "auto") -> dict:  # fmt: skip
     """``run_predict`` on ``input_dir`` in this process, with the model's forward timed apart.
 
     Returns wall seconds, forward seconds, seconds to the first forward and
@@ -81,6 +82,8 @@ def predict_costs(input_dir: str, out_dir: str, cells_per_unit: int, threads: in
     (:func:`pipeline.tools.process.in_fresh_process`), as a user runs predict.
     ``threads`` sets torch's threads (on a crowded machine, a forward's threads
     waiting for each other can make it 15x slower than one thread).
+    ``workers`` is ``data.num_workers``: with 1, a DataLoader worker reads and
+    tokenizes while the main process runs the forward, as in a GPU run.
     """
     import torch
 
@@ -100,7 +103,7 @@ def predict_costs(input_dir: str, out_dir: str, cells_per_unit: int, threads: in
         return out
 
     cfg = compose_predict([f"input={input_dir}", f"out_dir={out_dir}", "model=tiny",
-                           f"data.cells_per_unit={cells_per_unit}", "trainer=cpu"])  # fmt: skip
+                           f"data.cells_per_unit={cells_per_unit}", "trainer=cpu", f"data.num_workers={workers}"])  # fmt: skip
     if threads:
         torch.set_num_threads(threads)
     AtlasPredictor.predict_step = timed_step
@@ -188,24 +191,27 @@ def planned_atlas(real_out: Path, out: Path, n_datasets: int, n_units: int) -> P
 
 def scale_bench(sizes: list[int], work_dir: Path, cells: int = 30, cells_per_unit: int = 15,
                 planned: tuple[int, int] | None = (20_000, 34_000), fresh_process: bool = True,
-                threads: int | None = None) -> dict:  # fmt: skip
+                threads: int | None = None, workers: int | str = 1) -> dict:  # fmt: skip
     """The figures at each size, their growth exponents and the targets (see the module docstring).
 
     ``fresh_process`` runs each predict in a new Python process, as a user
-    does; the test runs them in its own.
+    does; the test runs them in its own. ``workers`` DataLoader workers
+    tokenize (default 1: the main process only runs the forward and the
+    bookkeeping, as with a GPU, where the time it spends outside the forward is
+    time the GPU waits).
     """
     rows = []
     for n in sizes:
         inputs = build_datasets(n, cells, work_dir / f"inputs_{n}")
         out = work_dir / f"atlas_{n}"
         shutil.rmtree(out, ignore_errors=True)
-        call = f"__import__('pipeline.tools.scale', fromlist=['scale']).predict_costs({str(inputs)!r}, {str(out)!r}, {cells_per_unit}, {threads})"  # fmt: skip
+        call = f"__import__('pipeline.tools.scale', fromlist=['scale']).predict_costs({str(inputs)!r}, {str(out)!r}, {cells_per_unit}, {threads}, {workers!r})"  # fmt: skip
         if fresh_process:
             first = in_fresh_process(call)
             again = in_fresh_process(call)  # everything done: the no-op resume
         else:
-            first = predict_costs(str(inputs), str(out), cells_per_unit, threads)
-            again = predict_costs(str(inputs), str(out), cells_per_unit, threads)
+            first = predict_costs(str(inputs), str(out), cells_per_unit, threads, workers)
+            again = predict_costs(str(inputs), str(out), cells_per_unit, threads, workers)
         units = pd.read_parquet(units_path(out))
         row = {"datasets": n, "units": len(units), "cells": n * cells, "exit_code": first["exit_code"],
                "predict_s": first["wall_s"], "forward_s": first["forward_s"],
@@ -222,7 +228,7 @@ def scale_bench(sizes: list[int], work_dir: Path, cells: int = 30, cells_per_uni
         row["marginal_overhead_per_unit_s"] = (row["overhead_s"] - previous["overhead_s"]) / (
             row["units"] - previous["units"]
         )
-    report = {"sizes": rows, "growth": growth_exponents(rows), "threads": threads}
+    report = {"sizes": rows, "growth": growth_exponents(rows), "threads": threads, "workers": workers}
     if planned:
         out = planned_atlas(work_dir / f"atlas_{sizes[0]}", work_dir / "planned", *planned)
         figures = {"datasets": planned[0], "units": planned[1]}
@@ -290,7 +296,8 @@ def print_scale_report(report: dict) -> None:
     from rich.table import Table
 
     console = Console(width=200)
-    table = Table(title="scale: N datasets of 30 real mouse-brain cells, tiny, CPU")
+    table = Table(title=f"scale: N datasets of 30 real mouse-brain cells, tiny, CPU, {report.get('workers')} "
+                  "DataLoader workers")  # fmt: skip
     columns = [("datasets", "datasets", "{:,}"), ("units", "units", "{:,}"), ("predict s", "predict_s", "{:.1f}"),
                ("forward s", "forward_s", "{:.1f}"), ("1st forward at s", "first_forward_s", "{:.1f}"),
                ("beyond forward ms/dataset", "overhead_per_dataset_s", "{:.1f}"),
