@@ -149,3 +149,18 @@ def test_merge_refuses_unfinished_shards_other_settings_shared_inputs_and_a_used
     assert f"{os.path.abspath(SPLEEN)} is in both {shard_1} and {again}" in shared
     assert "is not an atlas directory" in refusal(capsys, tmp_path / "out", shard_0, tmp_path / "used")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.merge-*"))
+
+
+def test_a_failed_dataset_of_a_shard_stays_failed_in_the_merged_atlas(array_dir, tmp_path, capsys):
+    shard = tmp_path / "shard_2"
+    missing = tmp_path / "gone.h5ad"
+    proc = run(predict_args(shard, [PBMC, missing])[:6] + SETTINGS)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert main(["merge", str(tmp_path / "merged"), str(array_dir / "shard_1"), str(shard)]) == 0
+    datasets = open_atlas(tmp_path / "merged", progress=False).datasets
+    assert list(datasets["status"]) == ["done", "done", "failed"] and list(datasets["shard"]) == [1, 2, 2]
+    capsys.readouterr()
+    assert main(["validate", str(tmp_path / "merged")]) == 3  # consistent, incomplete: as the shard itself
+    out = capsys.readouterr().out
+    assert f"incomplete: dataset 2 failed and is not in the atlas: {missing}" in out
+    assert "consistent but INCOMPLETE: 1 of 3 datasets" in out
