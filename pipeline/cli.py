@@ -4,6 +4,8 @@ scatlas predict [key=value ...]   embed datasets (a Hydra app: configs/predict.y
 scatlas neighbors [key=value ...] kNN graphs of predict's datasets on CPUs, before the GPU job (SLURM arrays)
 scatlas status ATLAS_DIR          units and cells done, failures, per-rank throughput, ETA
 scatlas validate ATLAS_DIR        exit 0 only if the atlas is complete and consistent (1 invalid, 3 incomplete)
+scatlas merge OUT SHARD_DIR...    one atlas of the shard atlases of a job array (slurm/predict_array.sbatch), arrays
+                                  linked, not copied
 scatlas bench [--help]            data path, memory, forward and end-to-end throughput figures
 scatlas bench --search ATLAS_DIR  index build speed, memory per cell, search speed and recall per index type
 scatlas summarize ATLAS_DIR       tables of predicted labels per dataset, cell type x tissue/..., scores
@@ -331,7 +333,11 @@ def validate(argv: list[str]) -> int:
         for problem in problems:
             print(f"invalid: {problem}")
         command = _predict_command(state)
-        if damaged and args.repair:
+        shards = [s["path"] for s in state.description.get("shards", [])]
+        if damaged and shards:  # a merged atlas's parts are the shards' files: they are repaired there
+            print(f"repair: the parts of a merged atlas are its shards' files: scatlas validate {' '.join(shards)} "
+                  "--repair, re-run their predict, then scatlas merge them again into a new directory")  # fmt: skip
+        elif damaged and args.repair:
             try:
                 with hold_lock(lock_path(atlas_dir), atlas_dir):  # not while a run writes the atlas
                     for part in damaged:
@@ -357,6 +363,36 @@ def validate(argv: list[str]) -> int:
             print(f"{atlas_dir}: valid: {done}")
             codes.append(VALID)
     return INVALID if INVALID in codes else max(codes)
+
+
+def merge(argv: list[str]) -> int:
+    """``scatlas merge OUT SHARD_DIR...``: one atlas directory of finished shard atlases, their arrays linked."""
+    from pipeline.atlas.merge import merge_shards
+
+    parser = argparse.ArgumentParser(prog="scatlas merge", description="Merge the shard atlases of a job array "
+                                     "(slurm/predict_array.sbatch writes OUT_DIR/shard_<i>) into one atlas directory "
+                                     "that every command and open_atlas read as one. Datasets and parts are numbered "
+                                     "again (shard 0's first, then shard 1's, ...); the cell tables and "
+                                     "datasets.parquet get a shard column and the dataset's id in its shard "
+                                     "(shard_dataset). The part arrays are hard links to the shards' files (symbolic "
+                                     "links when OUT is on another file system), so nothing large is copied. Every "
+                                     "shard must be finished and made with the same model and settings. To add shards "
+                                     "finished later, merge again into a new OUT.")  # fmt: skip
+    parser.add_argument("out", type=Path, metavar="OUT", help="the merged atlas (must not exist, or be empty)")
+    parser.add_argument("shards", nargs="+", metavar="SHARD_DIR", help="shard atlases (OUT_DIR/shard_*), or the "
+                        "OUT_DIR that holds them; shard_<i> directories are merged in the order of i")  # fmt: skip
+    args = parser.parse_args(argv)
+    result = merge_shards(args.shards, args.out)
+    print(f"merged {len(result.shards)} shards ({', '.join(str(s['shard']) for s in result.shards)}) into "
+          f"{result.out_dir}: {result.n_datasets} datasets, {result.n_parts} parts, {result.n_cells:,} cells "
+          f"embedded, {result.n_dropped:,} dropped")  # fmt: skip
+    if result.symlinks:
+        print(f"part arrays: {result.hard_links} hard links, {result.symlinks} symbolic links (another file system): "
+              "keep the shards where they are, the merged atlas reads their files")  # fmt: skip
+    else:
+        print(f"part arrays: {result.hard_links} hard links to the shards' files (no copy; removing a shard leaves "
+              "them whole)")  # fmt: skip
+    return 0
 
 
 def _predict_command(state) -> str:
@@ -579,8 +615,8 @@ def _open(parser: argparse.ArgumentParser, argv: list[str]):
     return args, open_atlas(args.atlas_dir, args.run)
 
 
-COMMANDS = {"predict": predict, "neighbors": neighbors, "status": status, "validate": validate, "bench": bench,
-            "summarize": summarize, "plot": plot, "probe": probe, "export": export, "index": index, "query": query,
+COMMANDS = {"predict": predict, "neighbors": neighbors, "status": status, "validate": validate, "merge": merge,
+            "bench": bench, "summarize": summarize, "plot": plot, "probe": probe, "export": export, "index": index, "query": query,
             "train-demo": train_demo}  # fmt: skip
 
 

@@ -276,7 +276,11 @@ def _embed_rank_zero(cfg, out_dir, run, trainer, numerics, extra_lines, predicto
     model = predictor.model
     fingerprint = settings_fingerprint(cfg, model)
     description_file = description_path(out_dir)
-    runs = read_json(description_file).get("runs", []) if description_file.exists() else []
+    existing = read_json(description_file) if description_file.exists() else {}
+    if existing.get("shards"):
+        raise ValueError(f"{out_dir} was made by scatlas merge of shard atlases ({existing['shards'][0]['path']}, "
+                         "...): predict into the shards, then merge them again into a new directory")  # fmt: skip
+    runs = existing.get("runs", [])
     previous = next((r for r in runs if r["run"] == run), None)
     if previous and previous["settings"] != fingerprint:
         changed = sorted(k for k in fingerprint if previous["settings"].get(k) != fingerprint[k])
