@@ -12,6 +12,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -231,15 +232,27 @@ def plan_datasets(jobs: list[tuple[int, str, dict, dict | None]], vocabulary: di
     context = multiprocessing.get_context("fork")  # workers share the vocabulary, nothing is pickled but plans
     global _POOL_VOCABULARY
     _POOL_VOCABULARY = vocabulary
+    pool = context.Pool(processes, initializer=_default_signals)
     try:
-        with context.Pool(processes) as pool:
-            chunk = max(1, min(DATASETS_PER_PROCESS, len(jobs) // (4 * processes)))
-            return pool.map(_plan_in_worker, jobs, chunksize=chunk)
+        chunk = max(1, min(DATASETS_PER_PROCESS, len(jobs) // (4 * processes)))
+        plans = pool.map(_plan_in_worker, jobs, chunksize=chunk)
+        pool.close()
+        return plans
     finally:
+        pool.terminate()
+        pool.join()
         _POOL_VOCABULARY = None
 
 
 _POOL_VOCABULARY: dict[str, list[str]] | None = None  # the vocabulary of plan_datasets' forked workers
+
+
+def _default_signals() -> None:
+    """A planning worker ends on SIGTERM (the run's stop handlers, inherited by the fork, would keep it alive) and
+    leaves Ctrl-C to the run, which stops at its first batch boundary once planning is done."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _plan_in_worker(job: tuple[int, str, dict, dict | None]) -> DatasetPlan:

@@ -1,0 +1,71 @@
+"""Planning at atlas scale: parallel planning gives the plans a single process gives, and a run keeps light plans."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import anndata
+import pytest
+
+from conftest import BMMC, HEART, PBMC, SPLEEN
+from models import build_model
+from pipeline.io.matrix import DatasetError
+from pipeline.plan.datasets import load_dataset, plan_datasets, plan_from_record
+
+SETTINGS = {"counts": "auto", "organism": None, "metadata": None, "min_gene_coverage": 0.002, "max_len": 64}
+
+# In a fresh process with the run's stop handlers installed (they catch SIGTERM, which ends a pool's workers):
+# plan the shipped datasets and a missing file in 1 and in 2 processes, print both sets of records.
+PARALLEL_PLANNING = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+from models import build_model
+from pipeline.plan.datasets import plan_datasets
+from pipeline.run.signals import install_stop_handlers
+install_stop_handlers()
+paths, settings = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+jobs = [(i, path, settings, None) for i, path in enumerate(paths)]
+genes = build_model("tiny").config.genes
+out = {}
+for processes in (1, 2):
+    plans = plan_datasets(jobs, genes, processes)
+    assert all(p.matrix is None and p.gene_columns is None for p in plans)  # light: nothing open is kept
+    out[processes] = [{**p.record(), "size": p.size, "fingerprint": p.fingerprint} for p in plans]
+print(json.dumps(out))
+"""
+
+
+def test_parallel_planning_gives_the_plans_of_one_process_and_ends_its_workers(tmp_path):
+    paths = [str(p) for p in (BMMC, SPLEEN, HEART, PBMC)] + [str(tmp_path / "missing.h5ad")]
+    proc = subprocess.run([sys.executable, "-c", PARALLEL_PLANNING, json.dumps(paths), json.dumps(SETTINGS)],
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, two = out["1"], out["2"]
+    assert one == two
+    assert [r["dataset"] for r in two] == [0, 1, 2, 3, 4]
+    assert [r["n_cells"] for r in two[:4]] == [600, 340, 320, 200]
+    assert [r["organism"] for r in two[:4]] == ["NCBITaxon:9606", "NCBITaxon:10090", "NCBITaxon:9606", "NCBITaxon:9606"]
+    assert all(r["identity"].startswith("counts:") and r["fingerprint"] for r in two[:4])
+    assert two[4]["status"] == "failed" and "missing.h5ad" in two[4]["error"]
+
+
+def test_a_light_plan_is_stored_read_back_and_loaded_as_planned(tmp_path):
+    genes = build_model("tiny").config.genes
+    path = shutil.copyfile(SPLEEN, tmp_path / "spleen.h5ad")
+    (light,) = plan_datasets([(7, str(path), SETTINGS, None)], genes, processes=1)
+    # what the other ranks rebuild from datasets.parquet (with n_units, as the stored table has it)
+    again = plan_from_record({**light.record(), "n_units": 4})
+    assert again.read_settings == light.read_settings == {"counts": "auto", "min_gene_coverage": 0.002, "max_len": 64}
+    loaded = load_dataset(again, genes)
+    assert loaded.loaded and loaded.n_cells == 340 and loaded.gene_organism == "NCBITaxon:10090"
+    assert loaded.gene_columns.shape == (992,) and (loaded.gene_columns >= 0).sum() == light.n_vocab_genes
+    assert loaded.identity == light.identity and list(loaded.cell_organisms[:2]) == ["NCBITaxon:10090"] * 2
+    assert loaded.matrix.read_rows(0, 5).shape == (5, 992)
+    loaded.matrix.close()
+    # the file is cut to fewer cells after planning: loading it fails its units by name, it never mis-reads rows
+    adata = anndata.read_h5ad(SPLEEN)
+    adata[:300].copy().write_h5ad(path)
+    with pytest.raises(DatasetError, match="now has 300 cells x 992 genes .* planned with 340 x 992"):
+        load_dataset(again, genes)
