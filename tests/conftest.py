@@ -21,11 +21,14 @@ PBMC = DATA / "tenx_human_pbmc10k_protein_v3_200x16727.h5ad"
 BRAIN = DATA / "tenx_mouse_brain_e18_10000x1000.h5ad"
 SMALL = [BMMC, SPLEEN, HEART, PBMC]
 FAST = ["data.num_workers=0", "data.cells_per_unit=100", "data.batch_size=50", "model.max_len=64"]
+#: the trainer preset of the predicts the tests start (predict_args, test_pipeline's scatlas): SCATLAS_TEST_TRAINER=gpu
+#: runs them on a GPU in bf16, as slurm/gpu_check.sh does; unset, each run takes the default (cpu, fp32)
+TRAINER = [f"trainer={os.environ['SCATLAS_TEST_TRAINER']}"] if os.environ.get("SCATLAS_TEST_TRAINER") else []
 
 
 def predict_args(out, inputs=SMALL, extra=()):
     return [sys.executable, "-m", "pipeline", "predict", f"input=[{','.join(map(str, inputs))}]", f"out_dir={out}",
-            *FAST, *extra]  # fmt: skip
+            *FAST, *TRAINER, *extra]  # fmt: skip
 
 
 def run(args, **kwargs):

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import PBMC, cells_and_outputs, predict_args, run
+from conftest import PBMC, TRAINER, cells_and_outputs, predict_args, run
 
 from models import load_checkpoint
 from models.checkpoint import file_sha256
@@ -32,8 +32,9 @@ MOUSE_BRAIN = DATA / "tenx_mouse_brain_e18_10000x1000.h5ad"
 
 def scatlas(*args, cwd=None, check=True):
     """Run the installed command line exactly as a user would."""
+    trainer = TRAINER if args[0] == "predict" else []  # SCATLAS_TEST_TRAINER (conftest)
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+        [sys.executable, "-m", "pipeline", *map(str, args), *trainer], capture_output=True, text=True, cwd=cwd,
         env={**os.environ, "OMP_NUM_THREADS": "2"},
     )  # fmt: skip
     if check and proc.returncode != 0:

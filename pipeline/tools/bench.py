@@ -35,6 +35,8 @@ DEMO = "neurips2021_human_bmmc_cite_rna_600x1000.h5ad"
 #: --precision -> autocast dtype of the timed forward (none: fp32), and the same for Lightning in end-to-end
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 TRAINER_PRECISION = {"bf16": "bf16-mixed", "16": "16-mixed", "32": "32-true"}
+#: what `scatlas bench` measures, in order (--only picks some)
+SECTIONS = ("data_path", "streaming", "forward", "end_to_end")
 # dense bf16 peak FLOP/s of common accelerators, for MFU (vendor figures, without sparsity)
 GPU_PEAK_BF16 = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
                  "L40S": 362e12, "A10": 125e12, "V100": 125e12}  # fmt: skip
@@ -283,6 +285,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="time spent per forward measurement")
     parser.add_argument("--work-dir", default=None, help="where tiled files and atlases go (default: a temp dir)")
     parser.add_argument("--json", default="bench.json", help="where to write the figures")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"the sections to measure, of {','.join(SECTIONS)} (default all; slurm/gpu_check.sh "
+                        "takes forward,end_to_end)")  # fmt: skip
     parser.add_argument("--compare-upstream", action="store_true",
                         help="also time upstream scprint2's forward on the same shape and weights")  # fmt: skip
     parser.add_argument("--scale", action="store_true", help="instead: the scale figures, an atlas of many small "
@@ -298,6 +303,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.scale:
         return scale_main(args)
+    only = set(args.only.split(","))
+    if not only <= set(SECTIONS):
+        parser.error(f"--only: unknown sections {sorted(only - set(SECTIONS))}; known: {','.join(SECTIONS)}")
     keep_freed_memory()  # the forward runs as in scatlas predict
     warnings.filterwarnings("ignore", message=".*random weights.*")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -308,33 +316,37 @@ def main(argv: list[str]) -> int:
     max_len = args.max_len or _preset_max_len(args.model)
     report = {"machine": _machine(device), "torch_threads": torch.get_num_threads()}
 
-    print(f"[1/4] data path, one worker, {args.model} max_len {max_len}")
-    report["data_path"] = [data_path(p, model, max_len, args.batch_size, work_dir / "data", i)
-                           for i, p in enumerate(shared_datasets())]  # fmt: skip
-    print(f"[2/4] peak memory streaming tiled files of {args.large_cells or 'no'} cells")
-    report["streaming"] = []
-    for n in [int(x) for x in args.large_cells.split(",") if x]:
+    report["data_path"], report["streaming"], report["forward"] = [], [], []
+    if "data_path" in only:
+        print(f"[1/4] data path, one worker, {args.model} max_len {max_len}")
+        report["data_path"] = [data_path(p, model, max_len, args.batch_size, work_dir / "data", i)
+                               for i, p in enumerate(shared_datasets())]  # fmt: skip
+    large_cells = [int(x) for x in args.large_cells.split(",") if x] if "streaming" in only else []
+    if large_cells:
+        print(f"[2/4] peak memory streaming tiled files of {args.large_cells} cells")
+    for n in large_cells:
         tiled = tile_dataset(n, work_dir / f"tiled_{n}.h5ad")
         report["streaming"].append(streaming_peak_rss(tiled, args.model, max_len, args.batch_size,
                                                       work_dir / f"stream_{n}"))  # fmt: skip
-    print(f"[3/4] forward on {device} ({precision})")
-    report["forward"] = []
-    for name in args.forward_models.split(","):
+    if "forward" in only:
+        print(f"[3/4] forward on {device} ({precision})")
+    for name in args.forward_models.split(",") if "forward" in only else []:
         m = model if name == args.model else build_model(name)
         length = args.max_len or _preset_max_len(name)
         batch = args.batch_size if device.type == "cuda" or name == "tiny" else 2
         row = forward_rate(m, length, batch, precision, device, args.seconds)
         row["model"] = name
         report["forward"].append(row)
-    print("[4/4] end-to-end predict")
-    # the 10,000-cell file of a checkout, else the bundled demo (600 cells: start-up weighs more)
-    e2e_input = next(
-        p for p in (REPO_DATA / TILE_SOURCE, PACKAGE_DATA / TILE_SOURCE, PACKAGE_DATA / DEMO) if p.is_file()
-    )
-    report["end_to_end"] = in_fresh_process(
-        f"bench.end_to_end(Path({str(e2e_input)!r}), {args.model!r}, {args.checkpoint!r}, {max_len}, "
-        f"{args.batch_size}, {args.workers!r}, {precision!r}, Path({str(work_dir)!r}))"
-    )
+    if "end_to_end" in only:
+        print("[4/4] end-to-end predict")
+        # the 10,000-cell file of a checkout, else the bundled demo (600 cells: start-up weighs more)
+        e2e_input = next(
+            p for p in (REPO_DATA / TILE_SOURCE, PACKAGE_DATA / TILE_SOURCE, PACKAGE_DATA / DEMO) if p.is_file()
+        )
+        report["end_to_end"] = in_fresh_process(
+            f"bench.end_to_end(Path({str(e2e_input)!r}), {args.model!r}, {args.checkpoint!r}, {max_len}, "
+            f"{args.batch_size}, {args.workers!r}, {precision!r}, Path({str(work_dir)!r}))"
+        )
     if args.compare_upstream:
         from pipeline.tools.bench_upstream import compare_upstream
 
@@ -376,9 +388,22 @@ def _machine(device: torch.device) -> dict:
 
 def print_report(report: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes: whole names, no wrapping
+    if report["data_path"] or report["streaming"]:
+        _print_data_path(console, report)
+    if report["forward"]:
+        _print_forward(console, report)
+    if "end_to_end" in report:
+        _print_end_to_end(console, report)
+    if "upstream" in report:
+        _print_upstream(console, report)
+    console.print(f"peak RSS of this process: {peak_rss_mib():,.0f} MiB")
+
+
+def _print_data_path(console, report: dict) -> None:
+    from rich.table import Table
+
     table = Table(
         title="data path, one worker (kNN graph, and a large dense file's sparse copy: once per dataset, "
         "before; data path: read + QC + genes + "
@@ -396,6 +421,11 @@ def print_report(report: dict) -> None:
         table.add_row(r["dataset"], f"{r['cells']:,}", f"{r['neighbors_s']}", f"{r['tokenize_cells_per_s']:,.0f}",
                       "", f"{r['cells_per_s']:,.0f}  peak RSS {r['peak_rss_mib']:,.0f} MiB")  # fmt: skip
     console.print(table)
+
+
+def _print_forward(console, report: dict) -> None:
+    from rich.table import Table
+
     table = Table(title="forward")
     for col in ("model", "max_len", "batch", "precision", "cells/s", "GFLOP/cell", "TFLOP/s", "MFU", "peak"):
         table.add_column(col, justify="right")
@@ -404,6 +434,9 @@ def print_report(report: dict) -> None:
                       f"{r['flops_per_cell'] / 1e9:,.1f}", f"{r['flop_per_s'] / 1e12:.3f}", f"{r['mfu']:.1%}",
                       r["peak_source"])  # fmt: skip
     console.print(table)
+
+
+def _print_end_to_end(console, report: dict) -> None:
     e2e = report["end_to_end"]
     console.print(f"end-to-end predict ({e2e['dataset']}, {e2e['cells_embedded']:,} cells embedded, "
                   f"{e2e['workers']} DataLoader workers): predict loop "
@@ -414,23 +447,26 @@ def print_report(report: dict) -> None:
                   f"{e2e['forward_before_after_cells_per_s'][1]:,.0f} after the run); overall "
                   f"{e2e['overall_cells_per_s']:,.0f} cells/s incl. start-up and the kNN graph; peak RSS of that "
                   f"process {e2e['peak_rss_mib']:,.0f} MiB")  # fmt: skip
-    if "upstream" in report:
-        up = report["upstream"]
-        shape = up["shape"]
-        table = Table(title=f"forward vs upstream {up['upstream']}: d_model {shape['d_model']}, {shape['nlayers']} + "
-                            f"{shape['nlayers_cell']} layers, max_len {shape['max_len']}, batch {shape['batch_size']}, "
-                            f"{up['threads']} threads, {up['inputs']}, max diff {up['max_abs_diff']:.1e}")  # fmt: skip
-        for col in ("forward", "cells/s", "ours / it"):
-            table.add_column(col, justify="right")
-        table.add_row(f"ours, cells side by side (as scatlas runs it; fp32 matmul {up['fp32_matmul']})",
-                      f"{up['cells_per_s_ours']:.2f}", "")  # fmt: skip
-        table.add_row("ours, one forward over all threads", f"{up['cells_per_s_ours_one_forward']:.2f}", "")
-        table.add_row("upstream, attention dropout 0 (equal outputs)", f"{up['cells_per_s_upstream']:.2f}",
-                      f"{up['ratio']:.2f}x")  # fmt: skip
-        table.add_row(f"upstream, dropout 0, with our settings (malloc, fp32 matmul {up['fp32_matmul']})",
-                      f"{up['cells_per_s_upstream_our_settings']:.2f}", f"{up['ratio_our_settings']:.2f}x")  # fmt: skip
-        table.add_row(f"upstream as shipped (dropout {up['upstream_shipped_dropout']} in eval)",
-                      f"{up['cells_per_s_upstream_shipped']:.2f}", f"{up['ratio_shipped']:.2f}x")  # fmt: skip
-        console.print(table)
-        console.print(f"load average before / after the comparison: {up['load_average']}")
-    console.print(f"peak RSS of this process: {peak_rss_mib():,.0f} MiB")
+
+
+def _print_upstream(console, report: dict) -> None:
+    from rich.table import Table
+
+    up = report["upstream"]
+    shape = up["shape"]
+    table = Table(title=f"forward vs upstream {up['upstream']}: d_model {shape['d_model']}, {shape['nlayers']} + "
+                        f"{shape['nlayers_cell']} layers, max_len {shape['max_len']}, batch {shape['batch_size']}, "
+                        f"{up['threads']} threads, {up['inputs']}, max diff {up['max_abs_diff']:.1e}")  # fmt: skip
+    for col in ("forward", "cells/s", "ours / it"):
+        table.add_column(col, justify="right")
+    table.add_row(f"ours, cells side by side (as scatlas runs it; fp32 matmul {up['fp32_matmul']})",
+                  f"{up['cells_per_s_ours']:.2f}", "")  # fmt: skip
+    table.add_row("ours, one forward over all threads", f"{up['cells_per_s_ours_one_forward']:.2f}", "")
+    table.add_row("upstream, attention dropout 0 (equal outputs)", f"{up['cells_per_s_upstream']:.2f}",
+                  f"{up['ratio']:.2f}x")  # fmt: skip
+    table.add_row(f"upstream, dropout 0, with our settings (malloc, fp32 matmul {up['fp32_matmul']})",
+                  f"{up['cells_per_s_upstream_our_settings']:.2f}", f"{up['ratio_our_settings']:.2f}x")  # fmt: skip
+    table.add_row(f"upstream as shipped (dropout {up['upstream_shipped_dropout']} in eval)",
+                  f"{up['cells_per_s_upstream_shipped']:.2f}", f"{up['ratio_shipped']:.2f}x")  # fmt: skip
+    console.print(table)
+    console.print(f"load average before / after the comparison: {up['load_average']}")
