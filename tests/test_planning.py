@@ -7,8 +7,8 @@ import sys
 
 import anndata
 import pytest
-
 from conftest import BMMC, HEART, PBMC, SPLEEN
+
 from models import build_model
 from pipeline.io.matrix import DatasetError
 from pipeline.plan.datasets import load_dataset, plan_datasets, plan_from_record
