@@ -8,6 +8,7 @@ import torch
 
 from models import build_model
 from pipeline.run.cpu import fast_fp32_matmul, fp32_matmul_precision, keep_freed_memory
+from pipeline.tokens.batches import batch_tensors
 
 
 class AtlasPredictor(L.LightningModule):
@@ -31,7 +32,7 @@ class AtlasPredictor(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict | None:
         if batch["error"] or len(batch["genes"]) == 0:
             return None
-        out = self.model.predict(batch["genes"], batch["counts"], batch.get("knn_counts"), batch.get("knn_dists"))
+        out = self.model.predict(*batch_tensors(batch, self.device))
         if not out["embs"].is_cuda:
             return out
         # copy to pinned host memory without waiting: the GPU goes on with the next batch, and the writer

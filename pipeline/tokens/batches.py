@@ -1,7 +1,7 @@
 """A rank's work units -> model batches: read, QC'd, mapped to the vocabulary and tokenized.
 
 Each item of :class:`UnitBatches` is one batch: ``batch_size`` consecutive rows
-of one unit, tokenized in a DataLoader worker (vectorised, no per-cell Python
+of one unit as numpy arrays (:func:`batch_tensors` makes them tensors), tokenized in a DataLoader worker (vectorised, no per-cell Python
 loop). Dropped cells travel with the batch so the writer can list them.
 :func:`prepare_dataset` is what a dataset needs first when the model uses
 neighbours; paths are given by the caller, which owns the atlas layout.
@@ -138,6 +138,22 @@ def ensure_sparse_copy(ds: DatasetPlan, path: Path) -> bool:
     return True
 
 
+#: A batch's token arrays, in the order the model takes them (the last two for metacell models only).
+TOKEN_ARRAYS = ("genes", "counts", "knn_counts", "knn_dists")
+
+
+def batch_tensors(batch: dict, device: torch.device | str = "cpu") -> list[torch.Tensor | None]:
+    """A batch's :data:`TOKEN_ARRAYS` as tensors on ``device`` (None for those it lacks).
+
+    Workers hand batches over as numpy arrays: pickled through the worker's
+    pipe, a batch costs the main process a copy, where a tensor costs it a
+    socket connection to the worker per array (torch's shared-memory file
+    descriptors), which waits on the worker when it is busy. They become
+    tensors here, in the process that runs the forward.
+    """
+    return [None if batch.get(k) is None else torch.from_numpy(batch[k]).to(device) for k in TOKEN_ARRAYS]
+
+
 class UnitBatches(Dataset):
     """Item ``i`` is one batch of one unit (see module docstring)."""
 
@@ -257,8 +273,8 @@ class UnitBatches(Dataset):
         n, length = len(cells["row"]), min(self.max_len, vocab.shape[1])
         out = {"cells": cells, "dropped": dropped}
         if n == 0:
-            out["genes"] = torch.zeros(0, length, dtype=torch.long)
-            out["counts"] = torch.zeros(0, length)
+            out["genes"] = np.zeros((0, length), dtype=np.int64)
+            out["counts"] = np.zeros((0, length), dtype=np.float32)
             return out
         keys = cell_keys(self.seed, identity_key(ds.identity), cells["row"])  # not the list position
         if self.neighbor_files is None:
@@ -273,10 +289,10 @@ class UnitBatches(Dataset):
                                  shape=(n, knn_vocab.shape[0]))  # fmt: skip
             genes = select_genes(vocab, keys, self.max_len, (pick @ knn_vocab).tocsr())
             knn_counts = lookup(knn_vocab, knn_rows.ravel(), np.repeat(genes, k, axis=0))
-            out["knn_counts"] = torch.from_numpy(knn_counts.reshape(n, k, -1))
-            out["knn_dists"] = torch.from_numpy(dists.astype(np.float32))
-        out["genes"] = torch.from_numpy(genes + self.offsets[ds.gene_organism])
-        out["counts"] = torch.from_numpy(lookup(vocab, np.arange(n), genes))
+            out["knn_counts"] = knn_counts.reshape(n, k, -1)
+            out["knn_dists"] = dists.astype(np.float32)
+        out["genes"] = genes + self.offsets[ds.gene_organism]
+        out["counts"] = lookup(vocab, np.arange(n), genes)
         return out
 
     def _neighbor_counts(self, ds: DatasetPlan, rows: np.ndarray):

@@ -25,6 +25,7 @@ from pipeline.atlas.state import load_state
 from pipeline.run.cpu import fast_fp32_matmul, fp32_matmul_precision, keep_freed_memory
 from pipeline.run.datamodule import resolve_num_workers
 from pipeline.run.predict import run_predict
+from pipeline.tokens.batches import batch_tensors
 from pipeline.tools.inputs import plan_files, predict_config, prepare, whole_file_batches
 from pipeline.tools.process import in_fresh_process, peak_rss_mib
 
@@ -227,8 +228,7 @@ def end_to_end(path: Path, model_name: str, checkpoint: str | None, max_len: int
     for i in range(len(batches)):
         batch = batches[i]
         if len(batch["genes"]):
-            inputs.append([None if batch.get(k) is None else batch[k].to(device)
-                           for k in ("genes", "counts", "knn_counts", "knn_dists")])  # fmt: skip
+            inputs.append(batch_tensors(batch, device))
     n_forward = sum(len(args[0]) for args in inputs)
     dtype = AUTOCAST_DTYPES.get(precision)
     if device.type == "cpu":  # as predict does, for the forward alone too

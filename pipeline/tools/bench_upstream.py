@@ -26,6 +26,7 @@ from models import load_checkpoint
 from models.presets import demo_vocabulary
 from pipeline import DATA_DIR
 from pipeline.run.cpu import fast_fp32_matmul, keep_freed_memory
+from pipeline.tokens.batches import TOKEN_ARRAYS
 from pipeline.tools.inputs import plan_files, predict_config, prepare, whole_file_batches
 from pipeline.tools.upstream_forward import SMALL_SHAPE
 
@@ -81,7 +82,7 @@ def real_inputs(genes: list[str], max_len: int, batch_size: int, work_dir: Path)
     batch = batches[0]
     if batch["error"]:
         raise RuntimeError(batch["error"])
-    inputs = {k: batch[k].numpy() for k in ("genes", "counts", "knn_counts", "knn_dists")}
+    inputs = {k: batch[k] for k in TOKEN_ARRAYS}
     inputs["depth"] = batch["cells"]["n_counts"].astype(np.float32)
     return inputs, path.name
 

@@ -60,6 +60,7 @@ from models.presets import DEMO_CHECKPOINT, PRESETS, demo_vocabulary
 from pipeline.analysis.heldout import CELL_TYPE, ORGANISM, accuracy, cell_type_table, describe
 from pipeline.atlas.manifest import column_blocks
 from pipeline.io.files import file_sha256
+from pipeline.tokens.batches import TOKEN_ARRAYS
 from pipeline.tools.inputs import plan_files, predict_config, prepare, whole_file_batches
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def model_inputs(plans, config: ScPrint2Config, work_dir: Path, seed: int) -> di
         if item["error"]:
             raise ValueError(item["error"])
     out = {k: np.concatenate([item["cells"][k] for item in items]) for k in ("dataset", "row")}
-    out.update({k: torch.cat([item[k] for item in items]) for k in ("genes", "counts", "knn_counts", "knn_dists")})
+    out.update({k: torch.from_numpy(np.concatenate([item[k] for item in items])) for k in TOKEN_ARRAYS})
     return out
 
 
