@@ -346,7 +346,8 @@ class Atlas:
                     table["part"] = record["part"]
                     pieces[name].append(table)
                 else:
-                    pieces[name].append(np.asarray(self.array(record["part"], name)[local, columns]))
+                    # a copy: a view would keep the part's file mapped (an open file each) until the end
+                    pieces[name].append(np.array(self.array(record["part"], name)[local, columns]))
         result = {}
         for name, columns in wanted.items():
             if name == "cells":
