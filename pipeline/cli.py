@@ -627,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     for noise in (".*does not have many workers.*", ".*infer the batch indices.*", ".*LeafSpec.*"):
         warnings.filterwarnings("ignore", message=noise)
+    if "SLURM_JOB_ID" not in os.environ:  # Lightning's hint to use srun, printed on any machine with SLURM installed
+        warnings.filterwarnings("ignore", message=".*The `srun` command is available.*")
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

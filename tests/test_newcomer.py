@@ -4,6 +4,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,8 @@ def test_the_demo_speaks_to_users_its_hint_runs_as_printed_and_a_rerun_says_it_i
     assert first.returncode == 0, first.stderr[-3000:]
     output = first.stdout + first.stderr
     assert "fp32 matmuls" not in output and "small gene panel" not in output and "WARNING" not in output
+    if shutil.which("srun") and "SLURM_JOB_ID" not in os.environ:  # SLURM installed, this is no job of it
+        assert "srun" not in output  # Lightning's hint to use srun is not for a laptop or a login node
     hint = first.stdout.splitlines()[-2:]
     assert hint == ["read it:  .venv/bin/scatlas status atlas", "          .venv/bin/scatlas validate atlas"]
     for line in hint:

@@ -261,9 +261,11 @@ def growth_exponents(rows: list[dict]) -> list[dict]:
 def targets(report: dict) -> list[dict]:
     """Each target with the measured figure and met / not met."""
     rows, out = report["sizes"], []
-    per_dataset = [r.get("marginal_overhead_per_dataset_s", r["overhead_per_dataset_s"]) for r in rows]
-    per_unit = [r.get("marginal_overhead_per_unit_s", r["overhead_per_unit_s"]) for r in rows]
-    out.append({"target": "main-process time beyond the forward <= 20 ms per dataset (marginal, each size)",
+    # per dataset means marginal (start-up, paid once, cancels out); with one size only its average is known
+    marginal = rows[1:] if len(rows) > 1 else rows
+    per_dataset = [r.get("marginal_overhead_per_dataset_s", r["overhead_per_dataset_s"]) for r in marginal]
+    per_unit = [r.get("marginal_overhead_per_unit_s", r["overhead_per_unit_s"]) for r in marginal]
+    out.append({"target": "main-process time beyond the forward <= 20 ms per dataset (marginal, between sizes)",
                 "measured": [round(v, 4) for v in per_dataset], "met": max(per_dataset) <= TARGETS["overhead_per_dataset_s"]})  # fmt: skip
     out.append({"target": "... and <= 20 ms per unit", "measured": [round(v, 4) for v in per_unit],
                 "met": max(per_unit) <= TARGETS["overhead_per_unit_s"]})  # fmt: skip
