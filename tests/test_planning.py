@@ -69,3 +69,23 @@ def test_a_light_plan_is_stored_read_back_and_loaded_as_planned(tmp_path):
     adata[:300].copy().write_h5ad(path)
     with pytest.raises(DatasetError, match="now has 300 cells x 992 genes .* planned with 340 x 992"):
         load_dataset(again, genes)
+
+
+def test_ranks_get_contiguous_runs_of_units_so_a_dataset_stays_on_one_rank():
+    from pipeline.plan.units import Unit, assign_units, make_units
+
+    # 1,000 datasets of 30 cells in units of 15 (the scale benchmark's catalog), and the shipped files' sizes
+    plans = [plan_from_record({"dataset": d, "path": f"ds_{d}.h5ad", "n_cells": 30}) for d in range(1000)]
+    units = make_units(plans, 15)
+    for world in (1, 2, 3, 4, 7):
+        ranks = assign_units(units, world)
+        assert sorted(u.part for r in ranks for u in r) == [u.part for u in units]  # every unit once
+        assert max(sum(u.n_cells for u in r) for r in ranks) - min(sum(u.n_cells for u in r) for r in ranks) <= 15
+        datasets = [{u.dataset for u in r} for r in ranks]
+        assert sum(len(d) for d in datasets) <= 1000 + world - 1  # only where a rank's run ends
+    sizes = [10_000, 600, 340, 320, 200]
+    units = make_units([plan_from_record({"dataset": d, "path": "x", "n_cells": n}) for d, n in enumerate(sizes)], 4096)
+    ranks = assign_units(units, 2)
+    cells = [sum(u.n_cells for u in r) for r in ranks]
+    assert sum(cells) == 11_460 and abs(cells[0] - cells[1]) <= 4096 and all(ranks)
+    assert sum(map(len, assign_units([Unit(0, 0, 0, 5)], 3))) == 1

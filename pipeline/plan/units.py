@@ -58,11 +58,19 @@ def make_units(datasets: list[DatasetPlan], cells_per_unit: int, stored: list[Un
 
 
 def assign_units(units: list[Unit], world_size: int) -> list[list[Unit]]:
-    """Balance units over ranks by number of cells (largest first onto the least-loaded rank)."""
-    loads = [0] * world_size
+    """Split the units, in part order, into one contiguous run per rank with about equal numbers of cells.
+
+    A dataset's units are consecutive parts, so a dataset goes to one rank
+    (split only where one rank's run ends and the next begins): each rank opens,
+    and builds the neighbour graph of, its own datasets only. A unit goes to
+    the rank whose share of the cells its middle cell falls in, so ranks differ
+    by at most about one unit's cells.
+    """
     ranks: list[list[Unit]] = [[] for _ in range(world_size)]
-    for unit in sorted(units, key=lambda u: (-u.n_cells, u.part)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        ranks[rank].append(unit)
-        loads[rank] += unit.n_cells
-    return [sorted(r, key=lambda u: u.part) for r in ranks]
+    total = sum(u.n_cells for u in units)
+    before = 0
+    for unit in sorted(units, key=lambda u: u.part):
+        middle = before + unit.n_cells / 2
+        ranks[min(int(middle * world_size / max(total, 1)), world_size - 1)].append(unit)
+        before += unit.n_cells
+    return ranks
