@@ -89,3 +89,38 @@ def test_ranks_get_contiguous_runs_of_units_so_a_dataset_stays_on_one_rank():
     cells = [sum(u.n_cells for u in r) for r in ranks]
     assert sum(cells) == 11_460 and abs(cells[0] - cells[1]) <= 4096 and all(ranks)
     assert sum(map(len, assign_units([Unit(0, 0, 0, 5)], 3))) == 1
+
+
+def test_a_requeued_run_takes_its_stored_plan_and_opens_no_unchanged_input(tmp_path):
+    """A run stopped by SLURM resumes from the plan it stored: an input still to embed, unchanged on disk, is not
+    opened to plan it again (junk of its size and time in its place goes unread); new read settings re-plan it."""
+    import os
+    import signal
+
+    from conftest import interrupt, predict_args
+
+    from configs import compose_predict
+    from pipeline.atlas.manifest import done_parts
+    from pipeline.run.predict import plan_run
+
+    inputs = [tmp_path / "spleen.h5ad", tmp_path / "heart.h5ad"]
+    for source, copy in zip((SPLEEN, HEART), inputs):
+        shutil.copyfile(source, copy)
+    out = tmp_path / "atlas"
+    args = predict_args(out, inputs, ["data.cells_per_unit=50"])
+    code, _, stderr = interrupt(args, out, signal.SIGTERM, 1)
+    assert code == 75, stderr[-3000:]
+    assert len([r for r in done_parts(out, 0).values() if r["dataset"] == 1]) < 7  # heart: units still to embed
+    stat = inputs[1].stat()
+    inputs[1].write_bytes(b"\0" * stat.st_size)
+    os.utime(inputs[1], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    overrides = [f"input=[{','.join(map(str, inputs))}]", f"out_dir={out}", *args[6:]]
+    genes = build_model("tiny").config.genes
+    datasets, units, replaced = plan_run(compose_predict(overrides), genes, 0)
+    heart = datasets[1]
+    assert heart.status == "pending" and heart.n_cells == 320 and heart.gene_organism == "NCBITaxon:9606"
+    assert heart.read_settings["counts"] == "auto" and not heart.loaded and replaced == []
+    assert sum(u.n_cells for u in units if u.dataset == 1) == 320
+    # another read setting (a gene coverage floor): the stored plan does not hold, the file is opened and refused
+    datasets, _, _ = plan_run(compose_predict([*overrides, "data.min_gene_coverage=0.003"]), genes, 0)
+    assert datasets[1].status == "failed" and str(inputs[1]) in datasets[1].error

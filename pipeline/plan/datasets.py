@@ -153,7 +153,7 @@ def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], sett
     in the cell table. ``known`` is the identity the stored plan recorded for
     this dataset, if any (see :func:`input_identity`).
     """
-    read_settings = {key: settings[key] for key in READ_SETTINGS if settings.get(key) not in (None, "")}
+    read_settings = read_settings_of(settings)
     plan = DatasetPlan(dataset=dataset, path=path, dataset_id=settings.get("dataset_id") or "",
                        metadata=settings.get("metadata") or "", soma_filter=settings.get("soma_filter") or "",
                        read_settings=read_settings)  # fmt: skip
@@ -170,6 +170,18 @@ def plan_dataset(dataset: int, path: str, vocabulary: dict[str, list[str]], sett
         message = " ".join(str(err).split())
         plan.status, plan.error = "failed", str(DatasetError(path, f"{type(err).__name__}: {message}"))
     return plan
+
+
+def read_settings_of(settings: dict) -> dict:
+    """The :data:`READ_SETTINGS` of a dataset's data settings (with its catalog row's overrides), those that are set."""
+    return {key: settings[key] for key in READ_SETTINGS if settings.get(key) not in (None, "")}
+
+
+def stored_plan_holds(record: dict, settings: dict) -> bool:
+    """Whether a dataset's stored ``datasets.parquet`` row is its plan for ``settings``: it was planned (not
+    failed at planning) and read with the same settings. Its file must also be unchanged on disk."""
+    planned = not (record.get("status") == "failed" and record.get("n_units", 1) == 0)
+    return planned and record.get("read_settings") == json.dumps(read_settings_of(settings), sort_keys=True)
 
 
 def _open_and_map(plan: DatasetPlan, vocabulary: dict[str, list[str]], quiet: bool = False) -> CountMatrix:

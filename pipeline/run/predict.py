@@ -51,7 +51,14 @@ from pipeline.atlas.manifest import (
 )
 from pipeline.io.files import hold_lock, read_json, remove_temporaries, write_json
 from pipeline.io.matrix import DatasetError
-from pipeline.plan.datasets import DatasetPlan, dataset_stat, load_dataset, plan_datasets, plan_from_record
+from pipeline.plan.datasets import (
+    DatasetPlan,
+    dataset_stat,
+    load_dataset,
+    plan_datasets,
+    plan_from_record,
+    stored_plan_holds,
+)
 from pipeline.plan.inputs import expand_genomes, resolve_inputs
 from pipeline.plan.units import Unit, make_units
 from pipeline.run.datamodule import neighbor_files
@@ -78,9 +85,10 @@ def plan_run(
 ) -> tuple[list[DatasetPlan], list[Unit], list[Unit]]:
     """Plan every dataset and the units; reuse the stored unit plan of ``out_dir`` if there is one.
 
-    A dataset of the stored plan whose every unit of ``run`` is done, and whose
-    file has the size and modification time recorded, is not opened again: its
-    ``datasets.parquet`` row is its plan.
+    A dataset of the stored plan whose file has the size and modification time
+    recorded is not opened again when its every unit of ``run`` is done, or
+    when it was planned with the same read settings: its ``datasets.parquet``
+    row is its plan (see :func:`stored_records`).
 
     Returns the datasets, the units, and the stored units of inputs changed
     since they were planned, which ``data.reembed_changed=true`` replaces (new
@@ -98,13 +106,15 @@ def plan_run(
                 "only be appended) or use another out_dir"
             )
     settings = OmegaConf.to_container(cfg.data, resolve=True)
-    finished = finished_records(cfg.out_dir, run, stored_units)
+    records, finished = stored_records(cfg.out_dir, run, stored_units)
     datasets: list[DatasetPlan | None] = [None] * len(paths)
     jobs = []
     for i, (path, (_, overrides)) in enumerate(zip(paths, inputs)):
-        known = stored.get(i)
-        if i in finished and known and known.get("fingerprint") is not None and unchanged_on_disk(path, known):
-            datasets[i] = plan_from_record(finished[i], known)  # its file is not opened
+        known, record = stored.get(i), records.get(i)
+        if (record is not None and known and known.get("fingerprint") is not None
+                and (i in finished or stored_plan_holds(record, {**settings, **overrides}))
+                and unchanged_on_disk(path, known)):  # fmt: skip
+            datasets[i] = plan_from_record(record, known)  # its file is not opened
         else:
             jobs.append((i, path, {**settings, **overrides}, known))
     for plan in plan_datasets(jobs, vocabulary):
@@ -126,17 +136,24 @@ def plan_run(
     return datasets, units, replaced
 
 
-def finished_records(out_dir, run: int, stored_units: list[Unit]) -> dict[int, dict]:
-    """dataset -> its ``datasets.parquet`` row, for the datasets of the stored plan whose every unit is done and
-    whose parts are whole (a damaged part is embedded again, so its dataset is opened)."""
+def stored_records(out_dir, run: int, stored_units: list[Unit]) -> tuple[dict[int, dict], set[int]]:
+    """The ``datasets.parquet`` rows a resumed run may take as plans without opening the files, and which of
+    those datasets are finished.
+
+    Every dataset of the stored plan whose parts are whole: a finished one,
+    and one still to embed when it was planned with the same read settings
+    (:func:`stored_plan_holds`: a requeued job starts predicting at once). A
+    dataset with a damaged part is embedded again, and planned again.
+    """
     if not stored_units or not datasets_path(out_dir).exists():
-        return {}
+        return {}, set()
     done = done_parts(out_dir, run)
-    damaged = damaged_parts(out_dir, done)
-    pending = {u.dataset for u in stored_units if u.part not in done or u.part in damaged}
+    damaged = {u.dataset for u in stored_units if u.part in damaged_parts(out_dir, done)}
     table = pd.read_parquet(datasets_path(out_dir))
-    table = table[~table.dataset.isin(pending) & table.dataset.isin({u.dataset for u in stored_units})]
-    return {int(row["dataset"]): row for row in table.to_dict("records")}
+    table = table[~table.dataset.isin(damaged) & table.dataset.isin({u.dataset for u in stored_units})]
+    pending = {u.dataset for u in stored_units if u.part not in done}
+    records = {int(row["dataset"]): row for row in table.to_dict("records")}
+    return records, set(records) - pending
 
 
 def unchanged_on_disk(path: str, known: dict) -> bool:
