@@ -121,7 +121,7 @@ def plan_from_record(record: dict, known: dict | None = None) -> DatasetPlan:
     return DatasetPlan(
         dataset=int(record["dataset"]), path=str(record["path"]), dataset_id=str(record.get("dataset_id") or ""),
         metadata=str(record.get("metadata") or ""), n_cells=int(record["n_cells"]),
-        status="failed" if record.get("status") == "failed" and record.get("n_units", 1) == 0 else "pending",
+        status="failed" if failed_at_planning(record) else "pending",
         error=str(record.get("error") or ""),
         counts_location=str(record.get("counts_location") or ""), gene_organism=str(record.get("organism") or ""),
         gene_source=str(record.get("gene_source") or ""), n_genes=int(record.get("n_genes") or 0),
@@ -177,11 +177,17 @@ def read_settings_of(settings: dict) -> dict:
     return {key: settings[key] for key in READ_SETTINGS if settings.get(key) not in (None, "")}
 
 
+def failed_at_planning(record: dict) -> bool:
+    """Whether a ``datasets.parquet`` row is of a dataset that failed at planning (failed, and given no unit);
+    one whose units failed while embedding was planned."""
+    return record.get("status") == "failed" and record.get("n_units", 1) == 0
+
+
 def stored_plan_holds(record: dict, settings: dict) -> bool:
     """Whether a dataset's stored ``datasets.parquet`` row is its plan for ``settings``: it was planned (not
     failed at planning) and read with the same settings. Its file must also be unchanged on disk."""
-    planned = not (record.get("status") == "failed" and record.get("n_units", 1) == 0)
-    return planned and record.get("read_settings") == json.dumps(read_settings_of(settings), sort_keys=True)
+    same_settings = record.get("read_settings") == json.dumps(read_settings_of(settings), sort_keys=True)
+    return not failed_at_planning(record) and same_settings
 
 
 def _open_and_map(plan: DatasetPlan, vocabulary: dict[str, list[str]], quiet: bool = False) -> CountMatrix:

@@ -215,12 +215,10 @@ class UnitBatches(Dataset):
             self._loaded = (dataset, None)  # let the previous one go first
             try:
                 self._loaded = (dataset, load_dataset(plan, self.vocabulary))
-            except DatasetError as err:
-                self._loaded = (dataset, str(err))
             except Exception as err:  # noqa: BLE001 - one broken dataset must not stop the run
-                self._loaded = (dataset, f"{plan.path}: {type(err).__name__}: {err}")
+                self._loaded = (dataset, _failure(plan.path, err))
         if isinstance(self._loaded[1], str):
-            raise DatasetError(plan.path, self._loaded[1].removeprefix(f"{plan.path}: "))
+            _fail(plan.path, self._loaded[1])
         return self._loaded[1]
 
     def _prepare(self, ds: DatasetPlan) -> None:
@@ -234,12 +232,10 @@ class UnitBatches(Dataset):
             try:
                 prepare_locked(ds, self.neighbor_files[ds.dataset], self.n_neighbors, self.seed)
                 self._prepared[ds.dataset] = ""
-            except DatasetError as err:  # e.g. a bad value past the rows checked at planning
-                self._prepared[ds.dataset] = str(err)
-            except Exception as err:  # noqa: BLE001 - one broken dataset must not stop the run
-                self._prepared[ds.dataset] = f"{ds.path}: neighbour graph: {type(err).__name__}: {err}"
+            except Exception as err:  # noqa: BLE001 - e.g. a bad value past the rows checked at planning
+                self._prepared[ds.dataset] = _failure(ds.path, err, "neighbour graph: ")
         if self._prepared[ds.dataset]:
-            raise DatasetError(ds.path, self._prepared[ds.dataset].removeprefix(f"{ds.path}: "))
+            _fail(ds.path, self._prepared[ds.dataset])
 
     def _tokenize(self, dataset: int, start: int, stop: int) -> dict:
         ds = self._load(dataset)
@@ -344,6 +340,17 @@ class UnitBatches(Dataset):
                 vocab, totals = zip(*blocks)
                 self._held = (ds.dataset, (sp.vstack(vocab, format="csr"), np.concatenate(totals)))
         return self._held[1]
+
+
+def _failure(path: str, err: Exception, step: str = "") -> str:
+    """What every batch of a dataset that failed once in this process fails with: a DatasetError says it
+    already; any other exception is named, after the ``step`` that raised it."""
+    return str(err) if isinstance(err, DatasetError) else f"{path}: {step}{type(err).__name__}: {err}"
+
+
+def _fail(path: str, message: str) -> None:
+    """Raise the DatasetError of a :func:`_failure` message again (the message already names the file)."""
+    raise DatasetError(path, message.removeprefix(f"{path}: "))
 
 
 def _read_vocabulary_counts(ds: DatasetPlan, start: int, stop: int) -> tuple[sp.csr_matrix, np.ndarray]:
