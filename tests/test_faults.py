@@ -1,7 +1,9 @@
 """Faults around a run, on the shipped data: a damaged part, an input rewritten in place, a full disk, an out_dir
 that is a file, two runs into one out_dir."""
 
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from conftest import SPLEEN, predict_args, run
 
 from pipeline.atlas import load_state, read_part, validate
 from pipeline.atlas.layout import lock_path
+from pipeline.io.files import hold_lock
 
 
 def error_lines(stderr):
@@ -137,23 +140,49 @@ def test_an_out_dir_that_is_a_file_is_one_line_before_anything_is_created(tmp_pa
     assert "Traceback" not in proc.stderr and sorted(tmp_path.iterdir()) == [out]
 
 
-def test_two_runs_started_together_into_one_out_dir_one_refuses_at_once(tmp_path):
+def test_a_second_run_into_a_held_out_dir_refuses_at_once_and_the_first_completes(tmp_path):
     out = tmp_path / "atlas"
     args = predict_args(out, [SPLEEN], ["model.checkpoint=null"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]  # fmt: skip
-    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
-    codes = sorted(code for code, _, _ in results)
-    assert codes == [0, 5], [stderr[-2000:] for _, _, stderr in results]
-    _, _, stderr = next(r for r in results if r[0] == 5)
-    (line,) = error_lines(stderr)
-    holder = next(p.pid for p, r in zip(procs, results) if r[0] == 0)
-    assert (
-        line.startswith(f"scatlas predict: error: {out} is in use by another run (host ") and f"pid {holder} " in line
-    )
-    assert line.endswith("wait for it to end, or use another out_dir")
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (lock_path(out).exists() and f"pid {first.pid} " in lock_path(out).read_text()):
+        assert first.poll() is None and time.time() < deadline, "the first run never took the lock"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)  # it holds out_dir for as long as the second run needs to try
+    try:
+        second = run(args)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    code, _, stderr = first.wait(timeout=300), *first.communicate()
+    assert (code, second.returncode) == (0, 5), (stderr[-2000:], second.stderr[-2000:])
+    (line,) = error_lines(second.stderr)
+    assert line.startswith(f"scatlas predict: error: {out} is in use by another run (host ")
+    assert f"pid {first.pid} " in line and line.endswith("wait for it to end, or use another out_dir")
     assert validate(out) == []
     (entry,) = load_state(out).description["runs"]
-    assert len(entry["attempts"]) == 1 and "finished" in entry["attempts"][0]  # no lost update
+    assert len(entry["attempts"]) == 1 and "finished" in entry["attempts"][0]  # the second run wrote nothing
     assert lock_path(out).read_text().startswith("host ")  # released, never removed: the next run takes it
+
+
+def try_lock(path) -> subprocess.CompletedProcess:
+    """Take the lock of ``path`` from a new process, as a second run would."""
+    code = f"from pipeline.io.files import hold_lock\nwith hold_lock({str(path)!r}, 'the atlas'): print('taken')"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_a_worker_forked_by_the_run_does_not_hold_its_out_dir(tmp_path):
+    path = lock_path(tmp_path / "atlas")
+    fork = multiprocessing.get_context("fork")
+    release = fork.Event()
+    with hold_lock(path, "the atlas"):
+        worker = fork.Process(target=release.wait, args=(120,))  # a DataLoader or planning worker
+        worker.start()
+        held = try_lock(path)
+    try:
+        assert held.returncode != 0 and f"pid {os.getpid()} " in held.stderr  # held by this process
+        # the run ended (killed, say) and its worker lives on for a moment: the next run takes out_dir
+        assert worker.is_alive() and try_lock(path).stdout == "taken\n"
+    finally:
+        release.set()
+        worker.join(timeout=60)

@@ -102,8 +102,11 @@ def jobs(env: dict, job: str) -> list[dict[str, str]]:
     return [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in proc.stdout.splitlines() if line]
 
 
-def wait(env: dict, job: str, until, timeout: float = 150) -> list[dict[str, str]]:
-    """Poll the job until ``until(records)``; a requeued job is let go at once instead of after SLURM's 2-minute hold."""
+def wait(env: dict, job: str, until, timeout: float = 150, log: Path | None = None) -> list[dict[str, str]]:
+    """Poll the job until ``until(records)``; a requeued job is let go at once instead of after SLURM's 2-minute hold.
+
+    On timeout the assertion names each record's state, restarts, exit code and reason, and ends with the tail
+    of the job's ``log`` when given."""
     deadline = time.time() + timeout
     while True:
         records = jobs(env, job)
@@ -113,7 +116,12 @@ def wait(env: dict, job: str, until, timeout: float = 150) -> list[dict[str, str
             if r["JobState"] == "PENDING" and r.get("Reason") == "BeginTime":
                 subprocess.run(["scontrol", "update", f"JobId={r['JobId']}", "StartTime=now"], env=env,
                                capture_output=True, timeout=30)  # fmt: skip
-        assert time.time() < deadline, f"job {job} still {[r['JobState'] for r in records]} after {timeout} s"
+        if time.time() > deadline:
+            states = [(r["JobState"], r.get("Restarts"), r.get("ExitCode"), r.get("Reason")) for r in records]
+            tail = log.read_text(errors="replace")[-4000:] if log is not None and log.exists() else ""
+            raise AssertionError(
+                f"job {job} still (state, restarts, exit code, reason) {states} after {timeout} s\n{tail}"
+            )
         time.sleep(0.3)
 
 
@@ -178,6 +186,7 @@ def test_requeued_job_resumes_each_time_and_ends_complete(cluster, tmp_path):
     job = submit(cluster, tmp_path, _readme_command("predict.sbatch", "1"),
                  {"INPUT": f"{inputs}/*.h5ad", "OUT_DIR": str(atlas), "CHECKPOINT": "", "VENV": str(VENV),
                   "MODEL": "tiny"}, args=("data.cells_per_unit=100", "data.batch_size=25"))  # 20 units  # fmt: skip
+    log_path = tmp_path / f"scatlas-predict-{job}.log"
     for restart in (1, 2):
         n_done = done_parts(atlas) if atlas.exists() else 0
         wait(
@@ -185,6 +194,7 @@ def test_requeued_job_resumes_each_time_and_ends_complete(cluster, tmp_path):
             job,
             lambda r, n_done=n_done: ended(r) or (atlas.exists() and done_parts(atlas) >= n_done + 2),
             timeout=120,
+            log=log_path,
         )
         assert jobs(cluster, job)[0]["JobState"] == "RUNNING", "the job ended before it could be requeued"
         subprocess.run(["scontrol", "requeue", job], env=cluster, check=True, capture_output=True, timeout=30)
@@ -196,9 +206,9 @@ def test_requeued_job_resumes_each_time_and_ends_complete(cluster, tmp_path):
                 subprocess.run(["scontrol", "requeue", job], env=cluster, capture_output=True, timeout=30)
             return records[0]["Restarts"] == str(restart) and records[0]["JobState"] == "RUNNING"
 
-        wait(cluster, job, requeued)
-    (record,) = wait(cluster, job, ended)
-    log = read_log(tmp_path / f"scatlas-predict-{job}.log")
+        wait(cluster, job, requeued, log=log_path)
+    (record,) = wait(cluster, job, ended, log=log_path)
+    log = read_log(log_path)
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0" and record["Restarts"] == "2", log[-4000:]
     assert [f"restart {k}," in log for k in (0, 1, 2)] == [True] * 3
     assert log.count("rank 0 stopped by SIGTERM at a batch boundary") == 2, log[-4000:]

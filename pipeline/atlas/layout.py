@@ -5,7 +5,7 @@
     atlas.json                                   blocks, classes, label vocabulary, model, config, runs
     datasets.parquet                             one row per input dataset (status, error, ...)
     manifest/units.parquet                       the plan: part id -> (dataset, row range), each input's identity
-    manifest/lock                                held (flock) by the run writing the atlas: its host and pid
+    manifest/lock                                held (lockf) by the run writing the atlas: its host and pid
     manifest/attempt.json                        rank 0's word to the other ranks: plan stored, or the error it met
     manifest/run_{run}/part_{part}.done.json     written last, after the part's files
     manifest/run_{run}/part_{part}.failed.json   a unit that could not be embedded

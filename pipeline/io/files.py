@@ -119,20 +119,29 @@ class LockHeld(Exception):
 
 @contextmanager
 def hold_lock(path: str | Path, what: str) -> Iterator[None]:
-    """Hold an exclusive OS lock (``flock``) on ``path`` while the block runs; refuse at once if another holds it.
+    """Hold an exclusive OS lock on ``path`` while the block runs; refuse at once if another process holds it.
 
-    The OS releases the lock when the process dies, however it dies, so a
-    killed run never leaves ``what`` locked. The file records the holder's host
-    and pid, for the refusal of the next one; it is rewritten in place, never
-    replaced, since a lock belongs to the file's inode.
+    The lock is a POSIX record lock (``fcntl.lockf``), which belongs to this
+    process alone: a process forked while it is held (a DataLoader worker, a
+    planning worker) does not hold it, so a worker orphaned for a few seconds
+    after its run was killed cannot make the requeued run refuse. (An
+    ``flock`` lock would be shared with every forked child.) The OS releases
+    the lock when the process dies, however it dies, so a killed run never
+    leaves ``what`` locked. The file records the holder's host and pid, for the
+    refusal of the next one; it is rewritten in place, never replaced, since a
+    lock belongs to the file's inode. This process must not open and close
+    ``path`` elsewhere while it holds it: closing any descriptor of the file
+    drops a POSIX lock.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, _file_mode())
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
             raise LockHeld(f"{what} is in use by another run ({holder}); wait for it to end, or use "
                            "another out_dir") from None  # fmt: skip
