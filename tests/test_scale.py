@@ -100,3 +100,33 @@ def test_neighbors_step_then_predict_reads_line_logs_and_resumes_without_opening
     proc = run(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "is complete, nothing to do: 658 cells embedded" in proc.stdout and validate(out) == []
+
+
+def test_a_neighbors_array_task_opens_its_own_datasets_only(tmp_path):
+    """Task k of n builds the graphs of datasets k, k + n, ... and opens no other input: a file cut short is
+    reported by its own task, and the other task never reads it."""
+    import os
+
+    from conftest import HEART, SPLEEN, predict_args
+
+    from pipeline.atlas import layout
+
+    cut = tmp_path / "cut.h5ad"
+    cut.write_bytes(SPLEEN.read_bytes()[:5000])
+    out = tmp_path / "atlas"
+    args = predict_args(out, [SPLEEN, cut, HEART])
+
+    def task(k: int) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_ARRAY_TASK_ID": str(k), "SLURM_ARRAY_TASK_COUNT": "2"}
+        command = [sys.executable, "-m", "pipeline", "neighbors", *args[4:]]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+    first = task(0)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "task 0/2: 2 graphs ready, 0 failed" in first.stdout
+    assert str(cut) not in first.stdout + first.stderr  # dataset 1 is task 1's: not opened here
+    assert [layout.neighbors_path(out, d).is_file() for d in (0, 1, 2)] == [True, False, True]
+    second = task(1)
+    assert second.returncode == 3 and "task 1/2: 0 graphs ready, 1 failed" in second.stdout
+    assert f"{cut}: is a truncated or corrupt HDF5 file" in second.stdout + second.stderr
+    assert not layout.neighbors_path(out, 1).exists()

@@ -54,7 +54,7 @@ from pipeline.io.matrix import DatasetError
 from pipeline.plan.datasets import (
     DatasetPlan,
     dataset_stat,
-    load_dataset,
+    plan_dataset,
     plan_datasets,
     plan_from_record,
     stored_plan_holds,
@@ -94,29 +94,18 @@ def plan_run(
     since they were planned, which ``data.reembed_changed=true`` replaces (new
     part ids); without it a changed input is refused, before anything is embedded.
     """
-    inputs = resolve_inputs(cfg.input if cfg.input else str(DEMO_DATASET))  # (path, a catalog row's settings)
-    inputs = expand_genomes(inputs, str(cfg.data.counts))  # a barnyard 10x h5: one dataset per genome
-    paths = [os.path.abspath(path) for path, _ in inputs]  # datasets.parquet must not depend on the cwd
-    stored_units, stored = read_units(cfg.out_dir)
-    for dataset, known in stored.items():
-        if dataset >= len(paths) or paths[dataset] != os.path.abspath(known["path"]):
-            raise ValueError(
-                f"{cfg.out_dir} was planned with dataset {dataset} = {known['path']}, but the inputs now give "
-                f"{paths[dataset] if dataset < len(paths) else 'nothing'}; keep the input list (new inputs may "
-                "only be appended) or use another out_dir"
-            )
-    settings = OmegaConf.to_container(cfg.data, resolve=True)
+    paths, settings, stored_units, stored = run_inputs(cfg)
     records, finished = stored_records(cfg.out_dir, run, stored_units)
     datasets: list[DatasetPlan | None] = [None] * len(paths)
     jobs = []
-    for i, (path, (_, overrides)) in enumerate(zip(paths, inputs)):
+    for i, path in enumerate(paths):
         known, record = stored.get(i), records.get(i)
         if (record is not None and known and known.get("fingerprint") is not None
-                and (i in finished or stored_plan_holds(record, {**settings, **overrides}))
+                and (i in finished or stored_plan_holds(record, settings[i]))
                 and unchanged_on_disk(path, known)):  # fmt: skip
             datasets[i] = plan_from_record(record, known)  # its file is not opened
         else:
-            jobs.append((i, path, {**settings, **overrides}, known))
+            jobs.append((i, path, settings[i], known))
     for plan in plan_datasets(jobs, vocabulary):
         datasets[plan.dataset] = plan
     for ds in datasets:
@@ -134,6 +123,29 @@ def plan_run(
     kept = [u for u in stored_units if u.dataset not in changed]
     units = make_units(datasets, int(cfg.data.cells_per_unit), kept)
     return datasets, units, replaced
+
+
+def run_inputs(cfg: DictConfig) -> tuple[list[str], list[dict], list[Unit], dict[int, dict]]:
+    """The datasets of a predict config, in dataset-id order, without opening a file but a 10x ``.h5``'s genome list.
+
+    Returns their absolute paths, their data settings (``cfg.data`` with a
+    catalog row's overrides), and the units and ``datasets.parquet`` rows of
+    the plan stored in ``out_dir`` (none for a new atlas). Raises ValueError
+    when the inputs no longer start with the datasets of the stored plan.
+    """
+    inputs = resolve_inputs(cfg.input if cfg.input else str(DEMO_DATASET))  # (path, a catalog row's settings)
+    inputs = expand_genomes(inputs, str(cfg.data.counts))  # a barnyard 10x h5: one dataset per genome
+    paths = [os.path.abspath(path) for path, _ in inputs]  # datasets.parquet must not depend on the cwd
+    stored_units, stored = read_units(cfg.out_dir)
+    for dataset, known in stored.items():
+        if dataset >= len(paths) or paths[dataset] != os.path.abspath(known["path"]):
+            raise ValueError(
+                f"{cfg.out_dir} was planned with dataset {dataset} = {known['path']}, but the inputs now give "
+                f"{paths[dataset] if dataset < len(paths) else 'nothing'}; keep the input list (new inputs may "
+                "only be appended) or use another out_dir"
+            )
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return paths, [{**data, **overrides} for _, overrides in inputs], stored_units, stored
 
 
 def stored_records(out_dir, run: int, stored_units: list[Unit]) -> tuple[dict[int, dict], set[int]]:
@@ -409,23 +421,27 @@ def run_neighbors(cfg: DictConfig, task: int = 0, n_tasks: int = 1) -> int:
         print(f"model {cfg.model.name} uses no neighbours: nothing to build")
         return EXIT_OK
     run = resolve_run(out_dir, cfg.run)
-    datasets, units, _ = plan_run(cfg, model.config.genes, run)
+    paths, settings, stored_units, stored = run_inputs(cfg)  # a task opens its own datasets' files only
     done = done_parts(out_dir, run)
-    to_embed = {u.dataset for u in units if u.part not in done}
-    mine = [d for d in datasets if d.dataset in to_embed and d.dataset % n_tasks == task]
+    finished = set(stored) - {u.dataset for u in stored_units if u.part not in done}
+    mine = [i for i in range(len(paths)) if i % n_tasks == task and i not in finished]
     n_failed = 0
-    for ds in mine:
+    for i in mine:
         start = time.perf_counter()
+        ds = plan_dataset(i, paths[i], model.config.genes, settings[i], stored.get(i))
         try:
-            loaded = load_dataset(ds, model.config.genes)
-            prepare_locked(loaded, neighbor_files(out_dir, ds.dataset), int(cfg.data.n_neighbors), int(cfg.seed))
+            if ds.status != "failed":
+                prepare_locked(ds, neighbor_files(out_dir, i), int(cfg.data.n_neighbors), int(cfg.seed))
         except DatasetError as err:
-            log.error("%s", err)
+            ds.error = str(err)
+        finally:
+            if ds.matrix is not None:
+                ds.matrix.close()
+        if ds.status == "failed" or ds.error:
+            log.error("%s", ds.error)
             n_failed += 1
             continue
-        print(
-            f"dataset {ds.dataset}: graph ready in {time.perf_counter() - start:.1f} s ({ds.n_cells:,} cells, {ds.path})"
-        )
+        print(f"dataset {i}: graph ready in {time.perf_counter() - start:.1f} s ({ds.n_cells:,} cells, {ds.path})")
     print(f"task {task}/{n_tasks}: {len(mine) - n_failed} graphs ready, {n_failed} failed, in {out_dir}")
     return EXIT_DATASETS_FAILED if n_failed else EXIT_OK
 
