@@ -141,9 +141,10 @@ fi
 # ---------------------------------------------------------------------------- 3. the predict-loop tests
 if ((!failed)); then
     t0=$SECONDS
-    # the machine's other pytest plugins stay out: only what the suite needs
+    # the machine's other pytest plugins stay out: only what the suite needs; one process (-o addopts: not
+    # pyproject's parallel workers, whose plugin is not carried), the GPU's tests one after another
     SCATLAS_TEST_TRAINER=$trainer PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 270 \
-        "$venv/bin/python" -m pytest -q -p no:cacheprovider "${TESTS[@]}" >"$out/pytest.log" 2>&1
+        "$venv/bin/python" -m pytest -q -o addopts=-ra -p no:cacheprovider "${TESTS[@]}" >"$out/pytest.log" 2>&1
     code=$?
     summary=$(grep -E '^=* ?[0-9]+ (passed|failed|error)' "$out/pytest.log" | tail -n1 | tr -d '=' | xargs)
     if ((code == 0)); then

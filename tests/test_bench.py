@@ -11,7 +11,7 @@ from pipeline.tools import bench
 
 def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = bench.main(["--forward-models", "tiny", "--large-cells", "3000", "--seconds", "0.5",
+    code = bench.main(["--forward-models", "tiny", "--max-len", "64", "--large-cells", "3000", "--seconds", "0.5",
                        "--work-dir", str(tmp_path / "work"), "--json", str(out)])  # fmt: skip
     assert code == 0
     report = json.loads(out.read_text())

@@ -57,7 +57,7 @@ def test_the_wheels_cover_every_runtime_dependency_the_machine_lacks():
     device, skipped, pins = script_names("DEVICE_HAS"), script_names("NOT_ON_PREDICT_PATH"), pinned()
     project = [Requirement(s) for s in PYPROJECT["project"]["dependencies"]]
     build = [Requirement(s) for s in PYPROJECT["build-system"]["requires"]]
-    tests = [Requirement(s) for s in PYPROJECT["project"]["optional-dependencies"]["test"] if s.startswith("pytest")]
+    tests = [r for r in map(Requirement, PYPROJECT["project"]["optional-dependencies"]["test"]) if r.name == "pytest"]
     assert {canonicalize_name(r.name) for r in project} >= device | skipped, "a name in gpu_check.sh is no dependency"
     for requirement in [*project, *build, *tests]:
         name = canonicalize_name(requirement.name)

@@ -57,14 +57,16 @@ def find_upstream_python(python: str | Path | None = None) -> Path:
             raise FileNotFoundError(f"{python}: no such upstream python")
         return Path(python)
     python = UPSTREAM_VENV / "bin" / "python"
-    if not python.is_file():
-        if not INSTALL_SCRIPT.is_file():
-            raise FileNotFoundError(
-                f"{python}: upstream scPRINT-2 is not installed; run tests/upstream/install.sh from a "
-                "checkout of this repository (or pass the python of an environment with scprint2 1.0.3)"
-            )
-        print(f"installing upstream scprint2 into {UPSTREAM_VENV} (tests/upstream/install.sh, about a minute)")
+    if INSTALL_SCRIPT.is_file():  # a checkout: the script returns at once when the environment is complete, and
+        # waits for another process installing it (a parallel test worker): a python alone may be half installed
+        if not python.is_file():
+            print(f"installing upstream scprint2 into {UPSTREAM_VENV} (tests/upstream/install.sh, about a minute)")
         subprocess.run(["bash", str(INSTALL_SCRIPT), str(UPSTREAM_VENV)], check=True)
+    elif not python.is_file():
+        raise FileNotFoundError(
+            f"{python}: upstream scPRINT-2 is not installed; run tests/upstream/install.sh from a "
+            "checkout of this repository (or pass the python of an environment with scprint2 1.0.3)"
+        )
     return python
 
 
