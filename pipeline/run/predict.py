@@ -321,7 +321,8 @@ def _embed_rank_zero(cfg, out_dir, run, trainer, numerics, extra_lines, predicto
     datasets, units, replaced = plan_run(cfg, model.config.genes, run)
     done, failed = index_markers(out_dir, run)
     finished = previous and not replaced and all(unit.part in done for unit in units)
-    if finished and not waited_for and not damaged_parts(out_dir, done):  # nothing to predict, no Lightning noise
+    damaged = damaged_parts(out_dir, done)  # one stat per file of every done part
+    if finished and not waited_for and not damaged:  # nothing to predict, no Lightning noise
         if any(ds.status == "failed" for ds in datasets):
             table = write_datasets_table(out_dir, datasets, units, done, failed)
             print_summary(out_dir, table, units, run, done, extra_lines)
@@ -337,7 +338,7 @@ def _embed_rank_zero(cfg, out_dir, run, trainer, numerics, extra_lines, predicto
 
     numerics.record = record_numerics
     remove_temporaries(out_dir)
-    for part, problem in damaged_parts(out_dir, done).items():
+    for part, problem in damaged.items():
         log.warning("%s: part %d is damaged (%s): its unit is embedded again", out_dir, part, problem)
         forget_part(out_dir, run, part)
     if replaced:
