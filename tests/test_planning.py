@@ -91,7 +91,7 @@ def test_ranks_get_contiguous_runs_of_units_so_a_dataset_stays_on_one_rank():
     assert sum(map(len, assign_units([Unit(0, 0, 0, 5)], 3))) == 1
 
 
-def test_a_requeued_run_takes_its_stored_plan_and_opens_no_unchanged_input(tmp_path):
+def test_a_requeued_run_takes_its_stored_plan_and_opens_no_unchanged_input(tmp_path, monkeypatch):
     """A run stopped by SLURM resumes from the plan it stored: an input still to embed, unchanged on disk, is not
     opened to plan it again (junk of its size and time in its place goes unread); new read settings re-plan it."""
     import os
@@ -100,7 +100,8 @@ def test_a_requeued_run_takes_its_stored_plan_and_opens_no_unchanged_input(tmp_p
     from conftest import interrupt, predict_args
 
     from configs import compose_predict
-    from pipeline.atlas.manifest import done_parts
+    from pipeline.atlas.manifest import damaged_parts, done_parts
+    from pipeline.run import predict
     from pipeline.run.predict import plan_run
 
     inputs = [tmp_path / "spleen.h5ad", tmp_path / "heart.h5ad"]
@@ -116,7 +117,10 @@ def test_a_requeued_run_takes_its_stored_plan_and_opens_no_unchanged_input(tmp_p
     os.utime(inputs[1], ns=(stat.st_atime_ns, stat.st_mtime_ns))
     overrides = [f"input=[{','.join(map(str, inputs))}]", f"out_dir={out}", *args[6:]]
     genes = build_model("tiny").config.genes
+    checks = []  # the done parts' files are checked once per plan, not once per unit (units x parts stats)
+    monkeypatch.setattr(predict, "damaged_parts", lambda *a: checks.append(a) or damaged_parts(*a))
     datasets, units, replaced = plan_run(compose_predict(overrides), genes, 0)
+    assert len(checks) == 1 and len(units) == 14
     heart = datasets[1]
     assert heart.status == "pending" and heart.n_cells == 320 and heart.gene_organism == "NCBITaxon:9606"
     assert heart.read_settings["counts"] == "auto" and not heart.loaded and replaced == []

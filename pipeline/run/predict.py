@@ -160,7 +160,8 @@ def stored_records(out_dir, run: int, stored_units: list[Unit]) -> tuple[dict[in
     if not stored_units or not datasets_path(out_dir).exists():
         return {}, set()
     done = done_parts(out_dir, run)
-    damaged = {u.dataset for u in stored_units if u.part in damaged_parts(out_dir, done)}
+    broken = damaged_parts(out_dir, done)  # once: a stat per file of every done part
+    damaged = {u.dataset for u in stored_units if u.part in broken}
     table = pd.read_parquet(datasets_path(out_dir))
     table = table[~table.dataset.isin(damaged) & table.dataset.isin({u.dataset for u in stored_units})]
     pending = {u.dataset for u in stored_units if u.part not in done}
