@@ -164,3 +164,18 @@ def test_a_failed_dataset_of_a_shard_stays_failed_in_the_merged_atlas(array_dir,
     out = capsys.readouterr().out
     assert f"incomplete: dataset 2 failed and is not in the atlas: {missing}" in out
     assert "consistent but INCOMPLETE: 1 of 3 datasets" in out
+
+
+def test_a_merge_on_a_terminal_shows_its_progress_and_a_log_gets_no_bar(array_dir, tmp_path):
+    """Merging 34,000 parts takes minutes: on a terminal each shard's parts get a bar; piped to a log, none."""
+    import shlex
+    import subprocess
+
+    command = [*predict_args(tmp_path)[:3], "merge"]
+    on_terminal = " ".join(map(shlex.quote, [*command, str(tmp_path / "seen"), str(array_dir)]))
+    proc = subprocess.run(["script", "-qec", on_terminal, "/dev/null"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "120", "TERM": "xterm"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "shard 0: linking 5 parts" in proc.stdout and "shard 1: linking 3 parts" in proc.stdout
+    logged = run([*command, str(tmp_path / "logged"), str(array_dir)])
+    assert logged.returncode == 0 and "linking" not in logged.stdout + logged.stderr

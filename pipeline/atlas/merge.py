@@ -35,6 +35,7 @@ from pipeline.atlas.layout import (
 )
 from pipeline.atlas.manifest import INPUT_COLUMNS, index_markers, mark_done, mark_failed, read_units, write_units
 from pipeline.atlas.state import AtlasState, load_state
+from pipeline.io.console import track_on_terminal
 from pipeline.io.files import atomic_write, file_sha256, write_json
 from pipeline.plan.units import Unit
 
@@ -191,7 +192,8 @@ def _write_merged(shards: list[tuple[int, AtlasState]], staging: Path, out_dir: 
         table["dataset"] = table["shard_dataset"].map(new_dataset)
         table["shard_dir"] = str(state.out_dir.resolve())
         dataset_rows.append(table)
-        for part, record in state.done.items():
+        linking = f"shard {number}: linking {len(state.done):,} parts"
+        for part, record in track_on_terminal(state.done.items(), len(state.done), linking):
             kinds = _link_part(state, record, staging, new_part[part], new_dataset, number)
             for kind in kinds:
                 links[kind] += 1

@@ -12,6 +12,7 @@ import pandas as pd
 from pipeline.atlas.labels import short_name, term_names
 from pipeline.atlas.layout import PART_ARRAYS, part_file
 from pipeline.atlas.state import load_state
+from pipeline.io.console import track_on_terminal
 from pipeline.io.files import memmap_npz
 from pipeline.io.formats import open_counts
 
@@ -376,13 +377,7 @@ class Atlas:
 
     def _track(self, items, total: int, description: str):
         """``items``, with a progress bar on stderr when it is a terminal (or a notebook)."""
-        from rich.console import Console
-        from rich.progress import track
-
-        console = Console(stderr=True)
-        if not self.progress or not (console.is_terminal or console.is_jupyter):
-            return items
-        return track(items, description=description, total=total, transient=True, console=console)
+        return track_on_terminal(items, total, description, self.progress)
 
 
 def _match_name(name: str, names: list[str], what: str, where) -> str:
