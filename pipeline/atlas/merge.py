@@ -238,7 +238,13 @@ def _link_part(state: AtlasState, record: dict, staging: Path, part: int, new_da
         table = pd.read_parquet(source)
         table["shard"] = shard
         table["shard_dataset"] = table["dataset"]
-        table["dataset"] = table["dataset"].map(new_dataset).astype("int64")
+        dataset = int(
+            record["dataset"]
+        )  # a part holds one dataset's cells: no map over every dataset (parts x datasets)
+        if not table["dataset"].eq(dataset).all():
+            raise ValueError(f"{source} holds cells of another dataset than its part's ({dataset}); see scatlas "
+                             f"validate {state.out_dir}")  # fmt: skip
+        table["dataset"] = pd.Series(new_dataset[dataset], index=table.index, dtype="int64")
         target = staging / part_file(stem, name)
         atomic_write(target, lambda tmp, t=table: t.to_parquet(tmp, index=False))
         files[target.name] = file_sha256(target)
