@@ -119,8 +119,10 @@ def predict_costs(input_dir: str, out_dir: str, cells_per_unit: int, threads: in
 
 
 def reading_costs(out_dir: str) -> dict:
-    """Seconds of status, validate (full and quick), summarize, open_atlas and to_anndata, and open_atlas's memory."""
+    """Seconds of status, validate (full and quick), summarize, open_atlas and to_anndata, and open_atlas's memory;
+    and of ``scatlas merge`` of the atlas as a one-shard array (into a sibling directory, removed after)."""
     from pipeline.analysis.summary import summary_tables
+    from pipeline.atlas.merge import merge_shards
     from pipeline.atlas.reader import open_atlas
     from pipeline.atlas.state import load_state, status_report, validate
 
@@ -137,6 +139,11 @@ def reading_costs(out_dir: str) -> dict:
     result["to_anndata_s"], adata = _timed(lambda: atlas.to_anndata())
     result["to_anndata_cells"] = adata.n_obs
     result["summarize_s"], _ = _timed(lambda: summary_tables(atlas))
+    merged = Path(f"{out_dir}_merged")
+    shutil.rmtree(merged, ignore_errors=True)
+    result["merge_s"], merge = _timed(lambda: merge_shards([out_dir], merged))
+    result["merge_parts"] = merge.n_parts
+    shutil.rmtree(merged)
     return result
 
 
@@ -308,7 +315,8 @@ def print_scale_report(report: dict) -> None:
                ("no-op resume s", "noop_resume_s", "{:.1f}"), ("status s", "status_s", "{:.2f}"),
                ("validate s", "validate_s", "{:.2f}"), ("quick s", "validate_quick_s", "{:.2f}"),
                ("summarize s", "summarize_s", "{:.2f}"), ("open_atlas s", "open_atlas_s", "{:.2f}"),
-               ("to_anndata s", "to_anndata_s", "{:.2f}"), ("peak RSS MiB", "predict_peak_rss_mib", "{:,.0f}")]  # fmt: skip
+               ("to_anndata s", "to_anndata_s", "{:.2f}"), ("merge s", "merge_s", "{:.2f}"),
+               ("peak RSS MiB", "predict_peak_rss_mib", "{:,.0f}")]  # fmt: skip
     for title, *_ in columns:
         table.add_column(title, justify="right")
     for row in report["sizes"]:
