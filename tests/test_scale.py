@@ -20,15 +20,8 @@ def test_scale_bench_measures_every_figure(tmp_path, capsys):
         assert row["noop_resume_batches"] == 0 and row["noop_resume_s"] > 0  # nothing embedded again
         assert row["validate_problems"] == 0 and row["validate_quick_problems"] == 0
         assert row["n_parts"] == 2 * n and row["to_anndata_cells"] == row["n_cells"] > 0.9 * 30 * n
-        for key in (
-            "status_s",
-            "validate_s",
-            "validate_quick_s",
-            "summarize_s",
-            "open_atlas_s",
-            "to_anndata_s",
-            "merge_s",
-        ):
+        timed = ("status_s", "validate_s", "validate_quick_s", "summarize_s", "open_atlas_s", "to_anndata_s", "merge_s")
+        for key in timed:
             assert row[key] > 0
         assert row["merge_parts"] == row["n_parts"] and not (tmp_path / f"atlas_{n}_merged").exists()
         assert 100 < row["predict_peak_rss_mib"] < 24 * 1024  # the machine's memory: measured, not a target

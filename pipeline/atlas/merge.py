@@ -238,9 +238,8 @@ def _link_part(state: AtlasState, record: dict, staging: Path, part: int, new_da
         table = pd.read_parquet(source)
         table["shard"] = shard
         table["shard_dataset"] = table["dataset"]
-        dataset = int(
-            record["dataset"]
-        )  # a part holds one dataset's cells: no map over every dataset (parts x datasets)
+        # a part holds one dataset's cells: its new id is set directly, not mapped through every dataset's
+        dataset = int(record["dataset"])
         if not table["dataset"].eq(dataset).all():
             raise ValueError(f"{source} holds cells of another dataset than its part's ({dataset}); see scatlas "
                              f"validate {state.out_dir}")  # fmt: skip

@@ -431,16 +431,17 @@ def run_neighbors(cfg: DictConfig, task: int = 0, n_tasks: int = 1) -> int:
     for i in mine:
         start = time.perf_counter()
         ds = plan_dataset(i, paths[i], model.config.genes, settings[i], stored.get(i))
+        error = ds.error if ds.status == "failed" else ""
         try:
-            if ds.status != "failed":
+            if not error:
                 prepare_locked(ds, neighbor_files(out_dir, i), int(cfg.data.n_neighbors), int(cfg.seed))
         except DatasetError as err:
-            ds.error = str(err)
+            error = str(err)
         finally:
             if ds.matrix is not None:
                 ds.matrix.close()
-        if ds.status == "failed" or ds.error:
-            log.error("%s", ds.error)
+        if error:
+            log.error("%s", error)
             n_failed += 1
             continue
         print(f"dataset {i}: graph ready in {time.perf_counter() - start:.1f} s ({ds.n_cells:,} cells, {ds.path})")
